@@ -1,0 +1,67 @@
+"""The `comfyui-lycoris` command line: a thin argparse front over the core.
+
+User errors (AdapterError, unreadable paths) print one line on stderr and exit 2; nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .lycoris_core.errors import AdapterError
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .lycoris_core import read_adapter
+    from .lycoris_core.report import describe, format_report
+
+    adapter = read_adapter(args.file, lokr_full_matrix_alpha=args.lokr_full_matrix_alpha)
+    report = describe(adapter, scan_values=not args.no_scan)
+    if args.json:
+        json.dump(report, sys.stdout, indent=1, sort_keys=False)
+        sys.stdout.write("\n")
+    else:
+        print(format_report(report, max_modules=args.max_modules))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="comfyui-lycoris",
+        description="LoHa / LoKr / LoRA adapters for Musubi Tuner models: inspect, convert, merge, train.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("inspect", help="say what an adapter file is and what is wrong with it")
+    p.add_argument("file", help="adapter file (.safetensors; .pt/.ckpt/.bin read weights-only)")
+    p.add_argument("--json", action="store_true", help="print the stable JSON report instead of a table")
+    p.add_argument("--no-scan", action="store_true", help="skip reading every tensor to count NaN/Inf")
+    p.add_argument("--max-modules", type=int, default=40, help="module lines in the table (default 40)")
+    p.add_argument(
+        "--lokr-full-matrix-alpha",
+        action="store_true",
+        help="apply alpha/ss_network_dim to full-matrix LoKr modules (files from trainers that did so)",
+    )
+    p.set_defaults(run=_cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except AdapterError as e:
+        print(f"comfyui-lycoris {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"comfyui-lycoris {args.command}: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"comfyui-lycoris {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""The algorithm registry: one module per algorithm, in the order files are matched against them."""
+
+from __future__ import annotations
+
+from . import diff, loha, lokr, lora
+from .base import Algorithm, ShapeError
+
+ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (lora.ALGORITHM, loha.ALGORITHM, lokr.ALGORITHM, diff.ALGORITHM)}
+
+# Parameters any algorithm's module may carry besides its own tensors.
+COMMON_SUFFIXES = {"alpha": "alpha", "dora_scale": "dora_scale"}
+
+# Every known key suffix -> (algorithm name or None for common, canonical parameter name).
+SUFFIX_INDEX: dict[str, tuple[str | None, str]] = {
+    suffix: (algorithm.name, canonical)
+    for algorithm in ALGORITHMS.values()
+    for suffix, canonical in algorithm.suffixes.items()
+}
+SUFFIX_INDEX.update({suffix: (None, canonical) for suffix, canonical in COMMON_SUFFIXES.items()})
+
+__all__ = ["ALGORITHMS", "Algorithm", "COMMON_SUFFIXES", "SUFFIX_INDEX", "ShapeError"]

@@ -1,0 +1,89 @@
+"""LoHa: ΔW = (w1a @ w1b) ⊙ (w2a @ w2b), the Hadamard product of two low-rank matrices.
+
+hada_w1_a (out, r), hada_w1_b (r, in[*k]); the same for w2. With conv Tucker cores `hada_t1`/`hada_t2`
+(r, r, kh, kw) the `_a` factors are (r, out) and each half is einsum(t, w_b, w_a).
+Rank = hada_w1_b.shape[0].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Algorithm, ShapeError, Shapes, Tensors, apply_by_rows, check_matmul, require
+
+SUFFIXES = {name: name for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")}
+
+
+def _half_shape(shapes: Shapes, i: int) -> tuple:
+    a, b = f"hada_w{i}_a", f"hada_w{i}_b"
+    t = f"hada_t{i}"
+    if t in shapes:
+        ts, sa, sb = require(shapes, t), require(shapes, a), require(shapes, b)
+        if len(ts) < 3 or len(sa) != 2 or len(sb) != 2 or ts[0] != sa[0] or ts[1] != sb[0]:
+            raise ShapeError(f"Tucker core {t} {list(ts)} does not fit {a} {list(sa)} and {b} {list(sb)}")
+        return (sa[1], sb[1], *ts[2:])
+    rows, cols = check_matmul(shapes, a, b)
+    return (rows, cols)
+
+
+def weight_shape(shapes: Shapes) -> tuple:
+    if ("hada_t1" in shapes) != ("hada_t2" in shapes):
+        raise ShapeError("hada_t1 and hada_t2 must both be present or both absent")
+    first, second = _half_shape(shapes, 1), _half_shape(shapes, 2)
+    if first != second:
+        raise ShapeError(f"the two halves differ in shape: {list(first)} vs {list(second)}")
+    return first
+
+
+def rank(shapes: Shapes) -> int:
+    return shapes["hada_w1_b"][0]
+
+
+def _half_rows(t: Tensors, i: int, start: int, stop: int) -> torch.Tensor:
+    a, b = t[f"hada_w{i}_a"], t[f"hada_w{i}_b"]
+    core = t.get(f"hada_t{i}")
+    if core is not None:
+        return torch.einsum("i j ..., j r, i p -> p r ...", core, b, a[:, start:stop])
+    return a[start:stop] @ b
+
+
+def _delta_rows(t: Tensors, start: int, stop: int) -> torch.Tensor:
+    return _half_rows(t, 1, start, stop).mul_(_half_rows(t, 2, start, stop))
+
+
+def delta_weight(t: Tensors) -> torch.Tensor:
+    shape = weight_shape({k: tuple(v.shape) for k, v in t.items()})
+    return _delta_rows(t, 0, shape[0]).reshape(shape)
+
+
+def apply_(weight: torch.Tensor, t: Tensors, factor: float) -> None:
+    apply_by_rows(weight, factor, weight.shape[0], lambda a, b: _delta_rows(t, a, b))
+
+
+def bypass_delta(x: torch.Tensor, t: Tensors) -> torch.Tensor:
+    if "hada_t1" in t or t["hada_w1_b"].dim() != 2:
+        raise ShapeError("bypass of a convolution LoHa is not supported; use patch mode")
+    w1a, w1b, w2a, w2b = t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"]
+    out_features, in_features = w1a.shape[0], w1b.shape[1]
+    r1, r2 = w1b.shape[0], w2b.shape[0]
+    tokens = x.numel() // in_features
+    # (w1a w1b) ⊙ (w2a w2b) = U V with U = rowwise w1a ⊗ w2a (out, r1·r2), V = columnwise w1b ⊗ w2b.
+    factored_cost = r1 * r2 * (tokens + 1) * (in_features + out_features)
+    built_cost = (r1 + r2 + 1 + tokens) * out_features * in_features
+    if factored_cost < built_cost:
+        u = (w1a[:, :, None] * w2a[:, None, :]).reshape(out_features, r1 * r2)
+        v = (w1b[:, None, :] * w2b[None, :, :]).reshape(r1 * r2, in_features)
+        return (x @ v.T) @ u.T
+    return x @ _delta_rows(t, 0, out_features).T
+
+
+ALGORITHM = Algorithm(
+    name="loha",
+    suffixes=SUFFIXES,
+    weight_shape=weight_shape,
+    rank=rank,
+    delta_weight=delta_weight,
+    apply_=apply_,
+    bypass_delta=bypass_delta,
+    required=(("hada_w1_a",), ("hada_w1_b",), ("hada_w2_a",), ("hada_w2_b",)),
+)

@@ -1,0 +1,122 @@
+"""LoKr: ΔW = kron(w1, w2), shape (a·b, c·d[, k...]) for w1 (a, c) and w2 (b, d[, k...]).
+
+Each factor is stored full (`lokr_w1`, `lokr_w2`) or low-rank (`lokr_w1_a` @ `lokr_w1_b`,
+`lokr_w2_a` @ `lokr_w2_b`); `lokr_t2` is a conv Tucker core for w2 (then w2_a is (r, b), w2_b (r, d)).
+Rank (SPEC §2): w2_b.shape[0] if w2 is decomposed, else w1_b.shape[0] if w1 is, else none (scale 1).
+
+Nothing here materializes kron at full size: `apply_` adds w1[p,r]·w2[q,s] into a 4-D strided view
+of W in one pass, and `bypass_delta` computes w1 · X · w2ᵀ on the input reshaped to (c, d).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Algorithm, ShapeError, Shapes, Tensors, apply_by_rows, check_matmul, require
+
+SUFFIXES = {
+    name: name
+    for name in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+}
+
+
+def _factor_shape(shapes: Shapes, i: int) -> tuple:
+    full, a, b = f"lokr_w{i}", f"lokr_w{i}_a", f"lokr_w{i}_b"
+    has_low_rank = a in shapes or b in shapes
+    if full in shapes:
+        if has_low_rank:
+            raise ShapeError(f"both {full} and {a}/{b} are present")
+        return require(shapes, full)
+    if not has_low_rank:
+        raise ShapeError(f"missing {full} (or {a} and {b})")
+    if i == 2 and "lokr_t2" in shapes:
+        t, sa, sb = require(shapes, "lokr_t2"), require(shapes, a), require(shapes, b)
+        if len(t) < 3 or len(sa) != 2 or len(sb) != 2 or t[0] != sa[0] or t[1] != sb[0]:
+            raise ShapeError(f"Tucker core lokr_t2 {list(t)} does not fit {a} {list(sa)} and {b} {list(sb)}")
+        return (sa[1], sb[1], *t[2:])
+    return check_matmul(shapes, a, b)
+
+
+def weight_shape(shapes: Shapes) -> tuple:
+    if "lokr_t2" in shapes and "lokr_w2" in shapes:
+        raise ShapeError("lokr_t2 needs lokr_w2_a/lokr_w2_b, not lokr_w2")
+    w1, w2 = _factor_shape(shapes, 1), _factor_shape(shapes, 2)
+    if len(w1) != 2:
+        raise ShapeError(f"w1 must be 2-D, got {list(w1)}")
+    return (w1[0] * w2[0], w1[1] * w2[1], *w2[2:])
+
+
+def rank(shapes: Shapes) -> int | None:
+    if "lokr_w2_b" in shapes:
+        return shapes["lokr_w2_b"][0]
+    if "lokr_w1_b" in shapes:
+        return shapes["lokr_w1_b"][0]
+    return None  # both factors full: scale 1 whatever alpha says
+
+
+def factors(t: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w1, w2) as full (small) matrices."""
+    w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+    if "lokr_w2" in t:
+        w2 = t["lokr_w2"]
+    elif "lokr_t2" in t:
+        # contiguous: torch.kron rejects the strided result of einsum
+        w2 = torch.einsum("i j ..., i p, j r -> p r ...", t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"]).contiguous()
+    else:
+        w2 = t["lokr_w2_a"] @ t["lokr_w2_b"]
+    return w1, w2
+
+
+def _kron(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    if w2.dim() > 2:
+        w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - 2)))
+    return torch.kron(w1, w2)
+
+
+def delta_weight(t: Tensors) -> torch.Tensor:
+    w1, w2 = factors(t)
+    return _kron(w1, w2)
+
+
+def apply_(weight: torch.Tensor, t: Tensors, factor: float) -> None:
+    w1, w2 = factors(t)
+    (a, c), (b, d) = w1.shape, w2.shape[:2]
+    if weight.is_contiguous():
+        # W[p·b+q, r·d+s, k] += factor · w1[p,r] · w2[q,s,k], broadcast in one kernel, no temporary.
+        view = weight.view(a, b, c, d, -1)
+        view.addcmul_(w1.view(a, 1, c, 1, 1), w2.reshape(1, b, 1, d, -1), value=factor)
+        return
+
+    def delta_rows(start: int, stop: int) -> torch.Tensor:
+        first, last = start // b, -(-stop // b)
+        block = _kron(w1[first:last], w2)
+        return block[start - first * b : stop - first * b]
+
+    apply_by_rows(weight, factor, weight.shape[0], delta_rows)
+
+
+def bypass_delta(x: torch.Tensor, t: Tensors) -> torch.Tensor:
+    w1, w2 = factors(t)
+    if w2.dim() != 2:
+        raise ShapeError("bypass of a convolution LoKr is not supported; use patch mode")
+    (a, c), (b, d) = w1.shape, w2.shape
+    lead = x.shape[:-1]
+    xs = x.reshape(-1, c, d)
+    # ΔW·vec(X) = vec(w1 · X · w2ᵀ); pick the cheaper association.
+    if a * d * (c + b) <= c * b * (d + a):
+        y = (w1 @ xs) @ w2.T
+    else:
+        y = w1 @ (xs @ w2.T)
+    return y.reshape(*lead, a * b)
+
+
+ALGORITHM = Algorithm(
+    name="lokr",
+    suffixes=SUFFIXES,
+    weight_shape=weight_shape,
+    rank=rank,
+    delta_weight=delta_weight,
+    apply_=apply_,
+    bypass_delta=bypass_delta,
+    required=(("lokr_w1", "lokr_w1_a"), ("lokr_w2", "lokr_w2_a")),
+)

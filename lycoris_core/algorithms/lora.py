@@ -1,0 +1,80 @@
+"""LoRA (and LoCon): ΔW = up @ down, optionally through a conv Tucker core `mid`.
+
+up (out, r[,1,1]), down (r, in[, kh, kw]); with `mid` (r, r, kh, kw): down/up are 1x1 and
+ΔW = einsum(mid, up, down). Rank = down.shape[0].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Algorithm, ShapeError, Shapes, Tensors, apply_by_rows, check_matmul, require
+
+SUFFIXES = {}
+for _up, _down in (
+    ("lora_up.weight", "lora_down.weight"),  # kohya / Musubi / LyCORIS
+    ("lora_B.weight", "lora_A.weight"),  # PEFT, Musubi "other", ComfyUI trainer
+    ("lora_B.default.weight", "lora_A.default.weight"),  # PEFT with an adapter name
+    ("lora.up.weight", "lora.down.weight"),  # diffusers LoRAAttnProcessor
+    ("lora_linear_layer.up.weight", "lora_linear_layer.down.weight"),  # old diffusers
+):
+    SUFFIXES[_up] = "up"
+    SUFFIXES[_down] = "down"
+SUFFIXES["lora_mid.weight"] = "mid"
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1)
+
+
+def weight_shape(shapes: Shapes) -> tuple:
+    up, down = require(shapes, "up"), require(shapes, "down")
+    if "mid" in shapes:
+        mid = require(shapes, "mid")
+        if len(mid) < 3 or mid[0] != up[1] or mid[1] != down[0]:
+            raise ShapeError(f"Tucker core mid {list(mid)} does not fit up {list(up)} and down {list(down)}")
+        return (up[0], down[1], *mid[2:])
+    check_matmul(shapes, "up", "down")
+    return (up[0], down[1], *down[2:])
+
+
+def rank(shapes: Shapes) -> int:
+    return shapes["down"][0]
+
+
+def _delta_rows(t: Tensors, start: int, stop: int) -> torch.Tensor:
+    up, down = _flat(t["up"]), t["down"]
+    if "mid" in t:
+        return torch.einsum("m n ..., i m, n j -> i j ...", t["mid"], up[start:stop], _flat(down))
+    return up[start:stop] @ _flat(down)
+
+
+def delta_weight(t: Tensors) -> torch.Tensor:
+    shape = weight_shape({k: tuple(v.shape) for k, v in t.items()})
+    return _delta_rows(t, 0, shape[0]).reshape(shape)
+
+
+def apply_(weight: torch.Tensor, t: Tensors, factor: float) -> None:
+    if weight.dtype == torch.float32 and "mid" not in t:
+        # One fused kernel, no temporary the size of W.
+        weight.view(weight.shape[0], -1).addmm_(_flat(t["up"]), _flat(t["down"]), alpha=factor)
+        return
+    apply_by_rows(weight, factor, weight.shape[0], lambda a, b: _delta_rows(t, a, b))
+
+
+def bypass_delta(x: torch.Tensor, t: Tensors) -> torch.Tensor:
+    if "mid" in t or t["down"].dim() != 2:
+        raise ShapeError("bypass of a convolution LoRA is not supported; use patch mode")
+    return (x @ t["down"].T) @ _flat(t["up"]).T
+
+
+ALGORITHM = Algorithm(
+    name="lora",
+    suffixes=SUFFIXES,
+    weight_shape=weight_shape,
+    rank=rank,
+    delta_weight=delta_weight,
+    apply_=apply_,
+    bypass_delta=bypass_delta,
+    required=(("up",), ("down",)),
+)

@@ -1,0 +1,136 @@
+"""What `inspect` says about a file: a stable JSON-able dict, and the same as a readable table."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from .adapter_file import AdapterFile, ModuleAdapter
+from .safetensors_io import dtype_name
+
+REPORT_VERSION = 1
+
+
+def lokr_mode(module: ModuleAdapter) -> str | None:
+    """'full' when w1 and w2 are both full matrices (scale 1), else 'low_rank'; None for other algorithms."""
+    if module.algorithm_name != "lokr":
+        return None
+    return "full" if module.rank is None else "low_rank"
+
+
+def _number_key(value: float | int | None) -> str:
+    if value is None:
+        return "none"
+    return f"{value:.6g}"
+
+
+def describe(adapter: AdapterFile, scan_values: bool = True) -> dict:
+    """Everything SPEC §5 lists for `inspect`. `scan_values` reads every tensor to count NaN/Inf."""
+    modules = list(adapter.modules.values())
+    by_algorithm = Counter(m.algorithm_name for m in modules)
+    problems = list(adapter.problems)
+    nonfinite = adapter.nonfinite_counts() if scan_values else {}
+    for key, count in nonfinite.items():
+        problems.append(f"{key}: {count} non-finite values (NaN/Inf)")
+    if adapter.unknown_keys:
+        problems.append(f"{len(adapter.unknown_keys)} keys belong to no adapter module (listed under unknown_keys)")
+
+    report = {
+        "report_version": REPORT_VERSION,
+        "file": adapter.path,
+        "size_bytes": adapter.size,
+        "format": adapter.format,
+        "architecture": adapter.architecture,
+        "tensor_count": len(adapter.tensors),
+        "dtypes": dict(Counter(dtype_name(e.dtype) for e in adapter.tensors.values())),
+        "module_count": len(modules),
+        "algorithms": dict(by_algorithm),
+        "ranks": dict(Counter(_number_key(m.rank) for m in modules)),
+        "alphas": dict(Counter(_number_key(m.alpha) for m in modules)),
+        "scales": dict(Counter(_number_key(m.scale) for m in modules)),
+        "dora_modules": sum(m.has_dora for m in modules),
+        "nonfinite_values": sum(nonfinite.values()) if scan_values else None,
+        "metadata": dict(adapter.metadata),
+        "unknown_keys": list(adapter.unknown_keys),
+        "problems": problems,
+        "modules": [
+            {
+                "stem": m.stem,
+                "algorithm": m.algorithm_name,
+                "shape": list(m.shape),
+                "rank": m.rank,
+                "alpha": m.alpha,
+                "scale": m.scale,
+                "lokr_mode": lokr_mode(m),
+                "dora": m.has_dora,
+                "dtype": dtype_name(next(iter(m.params.values())).dtype),
+            }
+            for m in modules
+        ],
+    }
+    if by_algorithm.get("lokr"):
+        modes = Counter(lokr_mode(m) for m in modules if m.algorithm_name == "lokr")
+        report["lokr"] = {"full": modes.get("full", 0), "low_rank": modes.get("low_rank", 0)}
+    return report
+
+
+def _counts(counter: dict) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(counter.items(), key=lambda kv: -kv[1])) or "-"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def format_report(report: dict, max_modules: int = 40) -> str:
+    """The readable form: a summary, then one line per module (the first `max_modules`)."""
+    lines = [
+        f"file          {report['file']} ({_size(report['size_bytes'])}, {report['tensor_count']} tensors)",
+        f"format        {report['format']}",
+        f"architecture  {report['architecture'] or 'unknown'}",
+        f"modules       {report['module_count']} ({_counts(report['algorithms'])})",
+    ]
+    if "lokr" in report:
+        lokr = report["lokr"]
+        lines.append(f"lokr          {lokr['full']} full-matrix (scale 1), {lokr['low_rank']} low-rank")
+    lines += [
+        f"ranks         {_counts(report['ranks'])}",
+        f"alphas        {_counts(report['alphas'])}",
+        f"scales        {_counts(report['scales'])}",
+        f"dtypes        {_counts(report['dtypes'])}",
+    ]
+    if report["dora_modules"]:
+        lines.append(f"dora          {report['dora_modules']} modules")
+    if report["metadata"]:
+        lines.append("metadata")
+        for key in sorted(report["metadata"]):
+            value = report["metadata"][key].replace("\n", " ")
+            lines.append(f"  {key} = {value[:100] + '...' if len(value) > 100 else value}")
+    lines.append("problems      " + ("none" if not report["problems"] else ""))
+    lines += [f"  - {p}" for p in report["problems"]]
+    if report["unknown_keys"]:
+        lines.append("unknown keys")
+        lines += [f"  {k}" for k in report["unknown_keys"]]
+
+    rows = report["modules"]
+    lines.append("")
+    header = ("module", "algorithm", "shape", "rank", "alpha", "scale")
+    table = [header] + [
+        (
+            m["stem"],
+            m["algorithm"] + (f" ({m['lokr_mode']})" if m["lokr_mode"] else "") + (" +dora" if m["dora"] else ""),
+            "x".join(str(d) for d in m["shape"]),
+            "-" if m["rank"] is None else str(m["rank"]),
+            "-" if m["alpha"] is None else f"{m['alpha']:g}",
+            f"{m['scale']:.6g}",
+        )
+        for m in rows[:max_modules]
+    ]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    for r in table:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    if len(rows) > max_modules:
+        lines.append(f"... and {len(rows) - max_modules} more modules (use --json for all)")
+    return "\n".join(lines)

@@ -1,0 +1,71 @@
+"""`comfyui-lycoris inspect`: the table, the stable JSON, and one-line errors with no traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from helpers import MUSUBI
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "comfyui_lycoris", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_inspect_json_on_a_musubi_lokr_file():
+    result = run_cli("inspect", str(MUSUBI / "wan_lokr_r3_a2.safetensors"), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["format"] == "musubi"
+    assert report["architecture"] == "wan"
+    assert report["module_count"] == 24
+    assert report["algorithms"] == {"lokr": 24}
+    assert report["lokr"] == {"full": 20, "low_rank": 4}
+    assert report["scales"] == {"1": 20, "0.666667": 4}
+    assert report["alphas"] == {"3": 20, "2": 4}
+    assert report["dtypes"] == {"F32": 20 * 3 + 4 * 4}  # alpha+w1+w2, or alpha+w1+w2_a+w2_b
+    assert report["nonfinite_values"] == 0
+    assert report["problems"] == []
+    assert report["metadata"]["ss_network_module"] == "networks.lokr"
+    first = next(m for m in report["modules"] if m["stem"] == "lora_unet_blocks_0_ffn_0")
+    assert first["lokr_mode"] in ("full", "low_rank") and first["shape"] == [40, 10]
+
+
+def test_inspect_table_lists_unknown_keys_and_nan(write_safetensors):
+    w = torch.randn(2, 4)
+    w[0, 0] = float("nan")
+    path = write_safetensors(
+        {
+            "lora_unet_x.lora_up.weight": torch.randn(4, 2), "lora_unet_x.lora_down.weight": w,
+            "lora_unet_x.lora_down.bias": torch.randn(2), "stray_tensor": torch.zeros(1),
+        }
+    )
+    result = run_cli("inspect", path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "unknown keys" in out and "stray_tensor" in out and "lora_unet_x.lora_down.bias" in out
+    assert "lora_unet_x.lora_down.weight: 1 non-finite values" in out
+    assert "lora_unet_x" in out and "lora" in out
+
+
+def test_inspect_user_error_is_one_line_without_traceback(tmp_path):
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    result = run_cli("inspect", str(bad))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert str(bad) in lines[0] and "corrupt safetensors header" in lines[0]
+
+
+def test_console_script_is_installed():
+    import shutil
+
+    exe = shutil.which("comfyui-lycoris")
+    assert exe, "the comfyui-lycoris console script is not on PATH"
+    result = subprocess.run([exe, "inspect", "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "--json" in result.stdout
