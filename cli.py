@@ -26,6 +26,21 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .lycoris_core.merge import merge, parse_adapter_arg
+
+    result = merge(
+        args.base,
+        args.out,
+        [parse_adapter_arg(a) for a in args.adapter],
+        architecture=args.arch,
+        overwrite=args.overwrite,
+        lokr_full_matrix_alpha=args.lokr_full_matrix_alpha,
+    )
+    print(result.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="comfyui-lycoris",
@@ -44,6 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="apply alpha/ss_network_dim to full-matrix LoKr modules (files from trainers that did so)",
     )
     p.set_defaults(run=_cmd_inspect)
+
+    p = commands.add_parser("merge", help="bake adapters into a diffusion-model file (streamed, fp8 aware)")
+    p.add_argument("base", help="diffusion-model .safetensors (bare keys or model.diffusion_model. prefix)")
+    p.add_argument("out", help="output .safetensors (same keys, order, dtypes and metadata as BASE)")
+    p.add_argument(
+        "--adapter", action="append", required=True, metavar="FILE[:STRENGTH]",
+        help="adapter to apply (repeatable), with an optional strength (default 1.0)",
+    )
+    p.add_argument("--arch", default="auto", help="architecture id (default: detect from the files)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--lokr-full-matrix-alpha", action="store_true", help="see inspect --help")
+    p.set_defaults(run=_cmd_merge)
     return parser
 
 

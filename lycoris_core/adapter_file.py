@@ -20,6 +20,7 @@ import torch
 
 from . import dora
 from .algorithms import ALGORITHMS, SUFFIX_INDEX, Algorithm, ShapeError
+from .algorithms.base import apply_by_rows
 from .errors import AdapterError
 from .safetensors_io import PICKLE_SUFFIXES, SafetensorsReader, TensorEntry, dtype_name, load_pickle_tensors
 
@@ -64,6 +65,10 @@ class ModuleAdapter:
         return "dora_scale" in self.params
 
     @property
+    def has_bias_delta(self) -> bool:
+        return self.algorithm.bias_param is not None and self.algorithm.bias_param in self.params
+
+    @property
     def keys(self) -> list[str]:
         return [entry.name for entry in self.params.values()]
 
@@ -90,22 +95,44 @@ class ModuleAdapter:
         bias = self.algorithm.delta_bias(t)
         return None if bias is None else bias * self.scale
 
-    def apply_(self, weight: torch.Tensor, strength: float = 1.0, tensors: Mapping[str, torch.Tensor] | None = None) -> None:
+    def apply_(
+        self,
+        weight: torch.Tensor,
+        strength: float = 1.0,
+        tensors: Mapping[str, torch.Tensor] | None = None,
+        rows: tuple[int, int] | None = None,
+    ) -> None:
         """In place: weight = weight + m·s·ΔW (with DoRA, as LyCORIS's forward). fp32 math, one cast.
 
-        `weight` may be a row slice of a fused weight; its shape must equal `self.shape` (or hold the
-        same elements, for conv weights stored flattened).
+        `weight` is the whole target (which may itself be a row slice of a fused weight), or with
+        `rows=(start, stop)` just rows start..stop of it, for callers that work in row blocks.
         """
-        self._check_target(tuple(weight.shape))
         t = tensors if tensors is not None else self.tensors(device=weight.device)
+        if rows is None:
+            self._check_target(tuple(weight.shape))
+            target, start, stop = weight.view(self.shape), 0, self.shape[0]
+        else:
+            start, stop = rows
+            if not (0 <= start < stop <= self.shape[0]) or weight.shape[0] != stop - start:
+                raise AdapterError(f"module {self.stem}: rows {start}:{stop} do not fit a block of {weight.shape[0]} rows")
+            target = weight.view(stop - start, *self.shape[1:])
+        whole = (start, stop) == (0, self.shape[0])
         if not self.has_dora:
-            self.algorithm.apply_(weight.view(self.shape), t, strength * self.scale)
+            if whole:
+                self.algorithm.apply_(target, t, strength * self.scale)
+            else:
+                apply_by_rows(target, strength * self.scale, stop - start, lambda a, b: self.algorithm.delta_rows(t, start + a, start + b))
             return
-        work = weight.view(self.shape).float() if weight.dtype != torch.float32 else weight.view(self.shape)
-        self.algorithm.apply_(work, t, self.scale)
-        work.mul_(dora.rescale_factor(work, t["dora_scale"], strength))
-        if work.data_ptr() != weight.data_ptr():
-            weight.copy_(work.view(weight.shape))
+        dora_scale = t["dora_scale"]
+        if dora.on_output_axis(dora_scale, self.shape):
+            dora_scale = dora_scale.reshape(-1)[start:stop].reshape(stop - start, *[1] * (len(self.shape) - 1))
+        elif not whole:
+            raise AdapterError(f"module {self.stem}: DoRA with per-input-column magnitude needs the whole weight at once")
+        work = target if target.dtype == torch.float32 else target.float()
+        apply_by_rows(work, self.scale, stop - start, lambda a, b: self.algorithm.delta_rows(t, start + a, start + b))
+        work.mul_(dora.rescale_factor(work, dora_scale, strength))
+        if work is not target:
+            target.copy_(work)
 
     def bypass_delta(self, x: torch.Tensor, strength: float = 1.0, tensors: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """m·s·ΔW·x for a Linear target, without building ΔW where that is cheaper (DoRA not included)."""

@@ -47,3 +47,41 @@ def stem_of(entry: dict, path: str) -> str:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+COMFY_MODELS = FIXTURES / "comfyui_models"
+# fixture file prefix -> architecture id
+ARCH_OF_PREFIX = {
+    "wan": "wan", "hunyuan_video": "hunyuan_video", "hunyuan_video_1_5": "hunyuan_video_1_5",
+    "framepack": "framepack", "flux_kontext": "flux", "flux_2": "flux2", "qwen_image": "qwen_image", "z_image": "z_image",
+}
+
+
+def comfy_names(arch: str) -> dict[str, tuple]:
+    """{weight name: shape} of ComfyUI's own model for `arch` (dumped from a real ComfyUI)."""
+    return {k: tuple(v) for k, v in json.loads((COMFY_MODELS / f"{arch}.json").read_text()).items()}
+
+
+# How ComfyUI names a Musubi module, written out by hand for the tests (independent of the pack's
+# registry): plain renames, and q/k/v that ComfyUI fuses into one weight (part index 0/1/2).
+_COMFY_RENAMES = {
+    "hunyuan_video": [("_attn_qkv", "_attn.qkv"), ("_attn_proj", "_attn.proj"), ("_mlp.fc1", "_mlp.0"),
+                      ("_mlp.fc2", "_mlp.2"), ("_mod.linear", "_mod.lin"), ("modulation.linear", "modulation.lin")],
+    "hunyuan_video_1_5": [("_attn_proj", "_attn.proj"), ("_mlp.fc1", "_mlp.0"), ("_mlp.fc2", "_mlp.2"),
+                          ("_mod.linear", "_mod.lin")],
+    "z_image": [("attention.to_out.0", "attention.out")],
+}
+_COMFY_FUSED = {
+    "hunyuan_video_1_5": [("_attn_q", "_attn.qkv", 0), ("_attn_k", "_attn.qkv", 1), ("_attn_v", "_attn.qkv", 2)],
+    "z_image": [("attention.to_q", "attention.qkv", 0), ("attention.to_k", "attention.qkv", 1), ("attention.to_v", "attention.qkv", 2)],
+}
+
+
+def comfy_location(arch: str, path: str) -> tuple[str, int | None]:
+    """(ComfyUI weight name, q/k/v part index or None) of Musubi module path `path`."""
+    for old, new, part in _COMFY_FUSED.get(arch, []):
+        if path.endswith(old):
+            return path[: -len(old)] + new + ".weight", part
+    for old, new in _COMFY_RENAMES.get(arch, []):
+        path = path.replace(old, new)
+    return path + ".weight", None

@@ -38,13 +38,16 @@ class Algorithm:
     rank: Callable[[Shapes], int | None]
     # ΔW (unscaled, fp32), shape weight_shape.
     delta_weight: Callable[[Tensors], torch.Tensor]
+    # Rows [start, stop) of ΔW (unscaled, fp32): for row-blocked work with bounded temporaries.
+    delta_rows: Callable[[Tensors, int, int], torch.Tensor]
     # weight += factor * ΔW in place, without a full-size temporary where the algebra allows.
     apply_: Callable[[torch.Tensor, Tensors, float], None]
     # ΔW applied to x (last dim = in features) without building ΔW where cheaper; Linear only.
     bypass_delta: Callable[[torch.Tensor, Tensors], torch.Tensor]
     # The canonical names required for the module to be complete, as alternatives per slot.
     required: tuple[tuple[str, ...], ...]
-    # A bias difference, for algorithms that store one (only `diff`).
+    # A bias difference, for algorithms that store one (only `diff`): its parameter and getter.
+    bias_param: str | None = None
     delta_bias: Callable[[Tensors], torch.Tensor | None] = lambda tensors: None
 
 

@@ -21,6 +21,10 @@ def delta_weight(t: Tensors) -> torch.Tensor:
     return t["diff"]
 
 
+def delta_rows(t: Tensors, start: int, stop: int) -> torch.Tensor:
+    return t["diff"][start:stop]
+
+
 def delta_bias(t: Tensors) -> torch.Tensor | None:
     return t.get("diff_b")
 
@@ -39,8 +43,10 @@ ALGORITHM = Algorithm(
     weight_shape=weight_shape,
     rank=rank,
     delta_weight=delta_weight,
+    delta_rows=delta_rows,
     apply_=apply_,
     bypass_delta=bypass_delta,
     required=(("diff",),),
+    bias_param="diff_b",
     delta_bias=delta_bias,
 )

@@ -47,17 +47,17 @@ def _half_rows(t: Tensors, i: int, start: int, stop: int) -> torch.Tensor:
     return a[start:stop] @ b
 
 
-def _delta_rows(t: Tensors, start: int, stop: int) -> torch.Tensor:
+def delta_rows(t: Tensors, start: int, stop: int) -> torch.Tensor:
     return _half_rows(t, 1, start, stop).mul_(_half_rows(t, 2, start, stop))
 
 
 def delta_weight(t: Tensors) -> torch.Tensor:
     shape = weight_shape({k: tuple(v.shape) for k, v in t.items()})
-    return _delta_rows(t, 0, shape[0]).reshape(shape)
+    return delta_rows(t, 0, shape[0]).reshape(shape)
 
 
 def apply_(weight: torch.Tensor, t: Tensors, factor: float) -> None:
-    apply_by_rows(weight, factor, weight.shape[0], lambda a, b: _delta_rows(t, a, b))
+    apply_by_rows(weight, factor, weight.shape[0], lambda a, b: delta_rows(t, a, b))
 
 
 def bypass_delta(x: torch.Tensor, t: Tensors) -> torch.Tensor:
@@ -74,7 +74,7 @@ def bypass_delta(x: torch.Tensor, t: Tensors) -> torch.Tensor:
         u = (w1a[:, :, None] * w2a[:, None, :]).reshape(out_features, r1 * r2)
         v = (w1b[:, None, :] * w2b[None, :, :]).reshape(r1 * r2, in_features)
         return (x @ v.T) @ u.T
-    return x @ _delta_rows(t, 0, out_features).T
+    return x @ delta_rows(t, 0, out_features).T
 
 
 ALGORITHM = Algorithm(
@@ -83,6 +83,7 @@ ALGORITHM = Algorithm(
     weight_shape=weight_shape,
     rank=rank,
     delta_weight=delta_weight,
+    delta_rows=delta_rows,
     apply_=apply_,
     bypass_delta=bypass_delta,
     required=(("hada_w1_a",), ("hada_w1_b",), ("hada_w2_a",), ("hada_w2_b",)),

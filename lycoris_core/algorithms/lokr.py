@@ -78,6 +78,14 @@ def delta_weight(t: Tensors) -> torch.Tensor:
     return _kron(w1, w2)
 
 
+def delta_rows(t: Tensors, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of kron(w1, w2): kron of the w1 rows they fall in, then trimmed."""
+    w1, w2 = factors(t)
+    b = w2.shape[0]
+    first, last = start // b, -(-stop // b)
+    return _kron(w1[first:last], w2)[start - first * b : stop - first * b]
+
+
 def apply_(weight: torch.Tensor, t: Tensors, factor: float) -> None:
     w1, w2 = factors(t)
     (a, c), (b, d) = w1.shape, w2.shape[:2]
@@ -86,13 +94,7 @@ def apply_(weight: torch.Tensor, t: Tensors, factor: float) -> None:
         view = weight.view(a, b, c, d, -1)
         view.addcmul_(w1.view(a, 1, c, 1, 1), w2.reshape(1, b, 1, d, -1), value=factor)
         return
-
-    def delta_rows(start: int, stop: int) -> torch.Tensor:
-        first, last = start // b, -(-stop // b)
-        block = _kron(w1[first:last], w2)
-        return block[start - first * b : stop - first * b]
-
-    apply_by_rows(weight, factor, weight.shape[0], delta_rows)
+    apply_by_rows(weight, factor, weight.shape[0], lambda start, stop: delta_rows({"lokr_w1": w1, "lokr_w2": w2}, start, stop))
 
 
 def bypass_delta(x: torch.Tensor, t: Tensors) -> torch.Tensor:
@@ -116,6 +118,7 @@ ALGORITHM = Algorithm(
     weight_shape=weight_shape,
     rank=rank,
     delta_weight=delta_weight,
+    delta_rows=delta_rows,
     apply_=apply_,
     bypass_delta=bypass_delta,
     required=(("lokr_w1", "lokr_w1_a"), ("lokr_w2", "lokr_w2_a")),

@@ -42,7 +42,7 @@ def rank(shapes: Shapes) -> int:
     return shapes["down"][0]
 
 
-def _delta_rows(t: Tensors, start: int, stop: int) -> torch.Tensor:
+def delta_rows(t: Tensors, start: int, stop: int) -> torch.Tensor:
     up, down = _flat(t["up"]), t["down"]
     if "mid" in t:
         return torch.einsum("m n ..., i m, n j -> i j ...", t["mid"], up[start:stop], _flat(down))
@@ -51,7 +51,7 @@ def _delta_rows(t: Tensors, start: int, stop: int) -> torch.Tensor:
 
 def delta_weight(t: Tensors) -> torch.Tensor:
     shape = weight_shape({k: tuple(v.shape) for k, v in t.items()})
-    return _delta_rows(t, 0, shape[0]).reshape(shape)
+    return delta_rows(t, 0, shape[0]).reshape(shape)
 
 
 def apply_(weight: torch.Tensor, t: Tensors, factor: float) -> None:
@@ -59,7 +59,7 @@ def apply_(weight: torch.Tensor, t: Tensors, factor: float) -> None:
         # One fused kernel, no temporary the size of W.
         weight.view(weight.shape[0], -1).addmm_(_flat(t["up"]), _flat(t["down"]), alpha=factor)
         return
-    apply_by_rows(weight, factor, weight.shape[0], lambda a, b: _delta_rows(t, a, b))
+    apply_by_rows(weight, factor, weight.shape[0], lambda a, b: delta_rows(t, a, b))
 
 
 def bypass_delta(x: torch.Tensor, t: Tensors) -> torch.Tensor:
@@ -74,6 +74,7 @@ ALGORITHM = Algorithm(
     weight_shape=weight_shape,
     rank=rank,
     delta_weight=delta_weight,
+    delta_rows=delta_rows,
     apply_=apply_,
     bypass_delta=bypass_delta,
     required=(("up",), ("down",)),

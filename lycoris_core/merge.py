@@ -1,0 +1,204 @@
+"""Offline merge (bake): BASE + adapters -> OUT, streamed one tensor at a time.
+
+OUT keeps BASE's keys, order, dtypes and metadata, plus a record of the merge under
+`comfyui_lycoris.merge`. Every adapter is planned against BASE's names and shapes before anything is
+written, so a wrong or broken adapter costs nothing. Each patched tensor is worked on in blocks of
+rows: dequantized to fp32 (fp8 with its per-tensor scale), every adapter applied, then cast (or
+requantized) once, so peak memory stays near one tensor of BASE plus the adapters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from . import dora
+from .adapter_file import read_adapter
+from .errors import AdapterError
+from .plan import LoadPlan, Patch, make_plan
+from .safetensors_io import SafetensorsReader, SafetensorsWriter, TensorEntry, check_output_path, dtype_name
+
+MERGE_METADATA_KEY = "comfyui_lycoris.merge"
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+SCALE_SUFFIXES = ("scale_weight", "weight_scale")  # ComfyUI's legacy scaled fp8, and the current format
+BLOCK_ELEMENTS = 1 << 24  # rows worked on at once: 64 MB of fp32
+
+
+@dataclass
+class MergeResult:
+    output: str
+    plans: list[LoadPlan]
+    strengths: list[float]
+    tensors_changed: int = 0
+    saturated: dict[str, int] = field(default_factory=dict)  # fp8 key -> values clipped to the fp8 range
+
+    def summary(self) -> str:
+        lines = [f"wrote {self.output}: {self.tensors_changed} tensors changed"]
+        for plan, strength in zip(self.plans, self.strengths):
+            lines.append(f"  {os.path.basename(plan.adapter.path)} @ {strength:g}: {plan.summary()}")
+            for stem, why in list(plan.unmatched.items())[:20]:
+                lines.append(f"    unmatched {stem}: {why}")
+            if len(plan.unmatched) > 20:
+                lines.append(f"    ... and {len(plan.unmatched) - 20} more unmatched")
+        for key, count in self.saturated.items():
+            lines.append(f"  warning: {count} values of {key} exceed the fp8 range at its scale and were clipped")
+        return "\n".join(lines)
+
+
+def parse_adapter_arg(text: str) -> tuple[str, float]:
+    """'FILE' or 'FILE:STRENGTH' (a trailing ':number'; paths with colons stay whole)."""
+    path, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def _quant_scale(key: str, entries: dict[str, TensorEntry], reader: SafetensorsReader) -> torch.Tensor | None:
+    """The per-tensor scale of an fp8 weight (`X.scale_weight` or `X.weight_scale`), if it has one."""
+    module = key[: -len(".weight")] if key.endswith(".weight") else key
+    for suffix in SCALE_SUFFIXES:
+        scale_key = f"{module}.{suffix}"
+        if scale_key in entries:
+            if entries[scale_key].numel != 1:
+                raise AdapterError(
+                    f"{reader.path}: {key} is block-scaled ({scale_key} has shape {list(entries[scale_key].shape)}); "
+                    "merge onto a dequantized base instead"
+                )
+            return reader.get(scale_key).float().reshape(())
+    return None
+
+
+def _check_mergeable(key: str, entry: TensorEntry, path: str) -> None:
+    if entry.dtype not in FLOAT_DTYPES + FP8_DTYPES:
+        raise AdapterError(f"{path}: cannot merge into {key}: dtype {dtype_name(entry.dtype)} is not a float or fp8 type")
+
+
+def _merge_tensor(
+    weight: torch.Tensor, patches: list[tuple[Patch, float]], scale: torch.Tensor | None
+) -> tuple[torch.Tensor, int]:
+    """Apply every patch to `weight` in place, block by block of rows; returns (weight, clipped count)."""
+    rows = weight.shape[0]
+    needs_whole = any(
+        p.module.has_dora and not dora.on_output_axis(p.module.load(p.module.params["dora_scale"].name), p.module.shape)
+        for p, _ in patches
+    )
+    step = rows if needs_whole else max(1, BLOCK_ELEMENTS // max(1, weight[0].numel()))
+    tensors = {id(p): p.module.tensors() for p, _ in patches}
+    quantized = weight.dtype in FP8_DTYPES
+    clipped = 0
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        view = weight[start:stop]
+        block = view if view.dtype in (torch.float32, torch.float64) else view.float()
+        if quantized and scale is not None:
+            block.mul_(scale)
+        for patch, strength in patches:
+            offset, size = patch.target.rows or (0, rows)
+            lo, hi = max(start, offset), min(stop, offset + size)
+            if lo < hi:
+                patch.module.apply_(block[lo - start : hi - start], strength, tensors[id(patch)], rows=(lo - offset, hi - offset))
+        if block is not view:
+            if quantized:
+                if scale is not None:
+                    block.div_(scale)
+                limit = torch.finfo(weight.dtype).max
+                clipped += int((block.abs() > limit).sum())
+                block.clamp_(-limit, limit)
+            view.copy_(block)
+    return weight, clipped
+
+
+def merge(
+    base: str | os.PathLike,
+    output: str | os.PathLike,
+    adapters: Sequence[tuple[str | os.PathLike, float]],
+    architecture: str = "auto",
+    overwrite: bool = False,
+    lokr_full_matrix_alpha: bool = False,
+    progress: bool = True,
+) -> MergeResult:
+    """Bake `adapters` [(file, strength), ...] into the diffusion-model file `base`, writing `output`."""
+    base, output = os.fspath(base), os.fspath(output)
+    check_output_path(output, overwrite)
+    if not adapters:
+        raise AdapterError("merge needs at least one --adapter")
+    if os.path.exists(output) and os.path.samefile(base, output):
+        raise AdapterError(f"{output}: output would replace the base model it is read from")
+    reader = SafetensorsReader(base)
+    entries = reader.header.tensors
+    shapes = {key: entry.shape for key, entry in entries.items()}
+
+    plans, strengths = [], []
+    targets: dict[str, list[tuple[Patch, float]]] = {}
+    bias_targets: dict[str, list[tuple[Patch, float]]] = {}
+    for path, strength in adapters:
+        adapter = read_adapter(path, lokr_full_matrix_alpha=lokr_full_matrix_alpha)
+        adapter.check_finite()
+        plan = make_plan(adapter, shapes, architecture)
+        for patch in plan.patches:
+            _check_mergeable(patch.target.key, entries[patch.target.key], base)
+            targets.setdefault(patch.target.key, []).append((patch, strength))
+            if patch.bias_key:
+                _check_mergeable(patch.bias_key, entries[patch.bias_key], base)
+                bias_targets.setdefault(patch.bias_key, []).append((patch, strength))
+        plans.append(plan)
+        strengths.append(strength)
+
+    metadata = dict(reader.header.metadata)
+    records = json.loads(metadata.get(MERGE_METADATA_KEY, "[]"))
+    records += [
+        {
+            "adapter": os.path.basename(plan.adapter.path),
+            "strength": strength,
+            "architecture": plan.architecture,
+            "format": plan.adapter.format,
+            "modules_applied": len(plan.patches),
+            "modules_unmatched": len(plan.unmatched),
+        }
+        for plan, strength in zip(plans, strengths)
+    ]
+    metadata[MERGE_METADATA_KEY] = json.dumps(records)
+
+    result = MergeResult(output, plans, strengths)
+    layout = list(entries.values())
+    bar = _progress_bar(sum(e.nbytes for e in layout), progress)
+    try:
+        with SafetensorsWriter(output, layout, metadata, overwrite) as writer:
+            for entry in layout:
+                tensor = reader.get(entry.name)
+                if entry.name in targets:
+                    tensor, clipped = _merge_tensor(tensor, targets[entry.name], _quant_scale(entry.name, entries, reader))
+                    result.tensors_changed += 1
+                    if clipped:
+                        result.saturated[entry.name] = clipped
+                if entry.name in bias_targets:
+                    tensor = _merge_bias(tensor, bias_targets[entry.name])
+                    result.tensors_changed += 1
+                writer.write(entry.name, tensor)
+                bar.update(entry.nbytes)
+    finally:
+        bar.close()
+        reader.close()
+    return result
+
+
+def _merge_bias(bias: torch.Tensor, patches: list[tuple[Patch, float]]) -> torch.Tensor:
+    work = bias.float()
+    for patch, strength in patches:
+        offset, size = patch.target.rows or (0, bias.shape[0])
+        work[offset : offset + size].add_(patch.module.delta_bias(), alpha=strength)
+    return work.to(bias.dtype)
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=None if enabled else True, leave=False)

@@ -1,0 +1,112 @@
+"""Architecture registry: detection from files and from models, coverage of real ComfyUI names."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfyui_lycoris.lycoris_core import AdapterError, read_adapter
+from comfyui_lycoris.lycoris_core.architectures import (
+    ARCHITECTURES, Slice, detect_adapter_architecture, detect_model_architecture, match_template, module_path,
+)
+from comfyui_lycoris.lycoris_core.plan import make_plan
+from helpers import ARCH_OF_PREFIX, COMFY_MODELS, MUSUBI, adapter_entries, comfy_names, expected_weights
+
+ENTRIES = adapter_entries()
+COMFY_ARCHS = sorted(p.stem for p in COMFY_MODELS.glob("*.json") if "." not in p.stem)
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=[e["file"] for e in ENTRIES])
+def test_file_architecture_from_metadata_and_from_keys_alone(entry):
+    adapter = read_adapter(MUSUBI / entry["file"])
+    assert adapter.architecture == entry["arch_id"]
+    shapes = {stem: m.shape for stem, m in adapter.modules.items()}
+    assert detect_adapter_architecture(shapes, {}) == entry["arch_id"]
+
+
+@pytest.mark.parametrize("arch", sorted(set(ARCH_OF_PREFIX.values())))
+def test_model_architecture_from_original_names(arch):
+    entry = next(e for e in ENTRIES if e["arch_id"] == arch)
+    names = [k.split("/", 1)[1] for k in expected_weights(entry) if k.startswith(("base/", "unadapted/"))]
+    assert detect_model_architecture(names) == arch
+    assert detect_model_architecture(["model.diffusion_model." + n for n in names]) == arch
+
+
+@pytest.mark.parametrize("arch", COMFY_ARCHS)
+def test_model_architecture_from_real_comfyui_names(arch):
+    assert detect_model_architecture(comfy_names(arch)) == arch
+    assert detect_model_architecture(["diffusion_model." + n for n in comfy_names(arch)]) == arch
+
+
+def comfy_side_templates(arch):
+    for musubi, comfy in ARCHITECTURES[arch].layers:
+        yield comfy.fused if isinstance(comfy, Slice) else comfy
+
+
+@pytest.mark.parametrize("arch", COMFY_ARCHS)
+def test_registry_names_every_linear_of_the_comfyui_model(arch):
+    """Each 2-D weight of ComfyUI's real model is a layer the registry knows (so no target is missed)."""
+    unknown = [
+        name for name, shape in comfy_names(arch).items()
+        if name.endswith(".weight") and len(shape) == 2
+        and not any(match_template(t, module_path(name)) is not None for t in comfy_side_templates(arch))
+    ]
+    allowed_unknown = {"cond_type_embedding"}  # an nn.Embedding, not a Linear
+    assert [u for u in unknown if module_path(u) not in allowed_unknown] == []
+
+
+def test_slice_rules():
+    third = Slice("x.qkv", 1, ("third", "third", "third"))
+    assert third.rows((30, 10)) == (10, 10)
+    linear1 = Slice("x.linear1", 3, ("in", "in", "in", "rest"))
+    assert linear1.rows((70, 10)) == (30, 40)
+    with pytest.raises(AdapterError, match="three equal parts"):
+        third.rows((31, 10))
+
+
+def test_kandinsky5_is_refused_with_a_reason(write_safetensors):
+    path = write_safetensors(
+        {"lora_unet_blocks_0_self_attn_q.lokr_w1": torch.randn(2, 2), "lora_unet_blocks_0_self_attn_q.lokr_w2": torch.randn(5, 5)},
+        metadata={"ss_base_model_version": "kandinsky5"},
+    )
+    adapter = read_adapter(path)
+    assert adapter.architecture == "kandinsky5"
+    with pytest.raises(AdapterError, match="Kandinsky 5 is not supported"):
+        make_plan(adapter, {"blocks.0.self_attn.q.weight": (10, 10)})
+
+
+def test_forced_architecture_must_agree_with_the_model():
+    adapter = read_adapter(MUSUBI / "wan_loha_r4_a2.safetensors")
+    with pytest.raises(AdapterError, match=r"architecture Qwen-Image \(qwen_image\) was asked for, but the model is Wan"):
+        make_plan(adapter, comfy_names("wan"), architecture="qwen_image")
+    with pytest.raises(AdapterError, match="unknown architecture 'sdxl'"):
+        make_plan(adapter, comfy_names("wan"), architecture="sdxl")
+    assert len(make_plan(adapter, comfy_names("wan"), architecture="wan").patches) == 24
+
+
+def test_diffusers_wan_names_load_onto_a_comfyui_wan_model(write_safetensors):
+    """Diffusers-named Wan files (attn1/attn2/ffn.net) map onto ComfyUI's self_attn/cross_attn/ffn."""
+    renames = {"self_attn.q": "attn1.to_q", "cross_attn.k_img": "attn2.add_k_proj", "ffn.0": "ffn.net.0.proj", "self_attn.o": "attn1.to_out.0"}
+    tensors = {}
+    for old, new in renames.items():
+        tensors[f"transformer.blocks.1.{new}.lokr_w1"] = torch.randn(2, 2)
+        tensors[f"transformer.blocks.1.{new}.lokr_w2"] = torch.randn(20 if old == "ffn.0" else 5, 5)
+    plan = make_plan(read_adapter(write_safetensors(tensors)), comfy_names("wan"))
+    assert {p.target.key for p in plan.patches} == {f"blocks.1.{old}.weight" for old in renames}
+    assert plan.architecture == "wan"
+
+
+def test_diffusers_flux_qkv_and_single_block_land_on_fused_slices(write_safetensors):
+    tensors = {}
+    for name, out in (("transformer_blocks.0.attn.to_k", 10), ("transformer_blocks.0.attn.add_v_proj", 10),
+                      ("single_transformer_blocks.1.attn.to_v", 10), ("single_transformer_blocks.1.proj_mlp", 40)):
+        tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(2, 10)
+        tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(out, 2)
+    plan = make_plan(read_adapter(write_safetensors(tensors, metadata={"ss_base_model_version": "flux_kontext"})), comfy_names("flux"))
+    got = {p.stem.split(".", 1)[1]: (p.target.key, p.target.rows) for p in plan.patches}
+    assert got == {
+        "transformer_blocks.0.attn.to_k": ("double_blocks.0.img_attn.qkv.weight", (10, 10)),
+        "transformer_blocks.0.attn.add_v_proj": ("double_blocks.0.txt_attn.qkv.weight", (20, 10)),
+        "single_transformer_blocks.1.attn.to_v": ("single_blocks.1.linear1.weight", (20, 10)),
+        "single_transformer_blocks.1.proj_mlp": ("single_blocks.1.linear1.weight", (30, 40)),
+    }
