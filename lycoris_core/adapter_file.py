@@ -21,6 +21,7 @@ import torch
 from . import dora
 from .algorithms import ALGORITHMS, SUFFIX_INDEX, Algorithm, ShapeError
 from .algorithms.base import apply_by_rows
+from .architectures import detect_file_architecture, refine_format
 from .errors import AdapterError
 from .safetensors_io import PICKLE_SUFFIXES, SafetensorsReader, TensorEntry, dtype_name, load_pickle_tensors
 
@@ -327,8 +328,6 @@ def read_adapter(path: str | os.PathLike, lokr_full_matrix_alpha: bool = False) 
             f"{path}: no LoRA/LoHa/LoKr/diff modules found among {len(entries)} tensors "
             f"(first key: {next(iter(entries))})"
         )
-    from .architectures import detect_file_architecture  # the registry imports this module's types
-
     adapter = AdapterFile(
         path=path,
         format=detect_format(list(modules)),
@@ -342,6 +341,7 @@ def read_adapter(path: str | os.PathLike, lokr_full_matrix_alpha: bool = False) 
         load=load,
     )
     adapter.architecture = detect_file_architecture(adapter)
+    adapter.format = refine_format(adapter.format, adapter.modules, adapter.architecture)
     return adapter
 
 

@@ -456,6 +456,37 @@ def detect_adapter_architecture(module_shapes: dict[str, tuple], metadata: dict[
     return leaders[0] if len(leaders) == 1 else None
 
 
+def comfyui_only_templates(arch: Architecture) -> list[str]:
+    """ComfyUI names that differ from Musubi's for the same layer (renames and fused weights)."""
+    found = []
+    for musubi, comfy in arch.layers:
+        name = comfy.fused if isinstance(comfy, Slice) else comfy
+        if name != musubi:
+            found.append(name)
+    return list(dict.fromkeys(found))
+
+
+def refine_format(file_format: str, stems, arch_id: str | None) -> str:
+    """'comfyui' for a dotted-key file that uses ComfyUI's own names where they differ from Musubi's."""
+    if file_format != "diffusers" or arch_id not in ARCHITECTURES:
+        return file_format
+    arch = ARCHITECTURES[arch_id]
+    comfy_only = [template_regex(t, flat=True) for t in comfyui_only_templates(arch)]
+    musubi_only = [
+        template_regex(m, flat=True) for m, c in arch.layers if m != (c.fused if isinstance(c, Slice) else c)
+    ]
+
+    def uses(patterns, stem) -> bool:
+        flat = flatten(stem)
+        starts = [0] + [i + 1 for i, ch in enumerate(flat) if ch == "_"]
+        return any(p.fullmatch(flat[i:]) for p in patterns for i in starts)
+
+    stems = list(stems)
+    if any(uses(comfy_only, s) for s in stems) and not any(uses(musubi_only, s) for s in stems):
+        return "comfyui"
+    return file_format
+
+
 def detect_file_architecture(adapter) -> str | None:
     return detect_adapter_architecture({stem: m.shape for stem, m in adapter.modules.items()}, adapter.metadata)
 

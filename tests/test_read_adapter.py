@@ -133,3 +133,15 @@ def test_tensors_are_loaded_lazily(write_safetensors):
     assert calls == []
     adapter.modules["m"].delta_weight()
     assert sorted(calls) == ["m.lora_down.weight", "m.lora_up.weight"]
+
+
+def test_format_comfyui_when_keys_use_comfyui_only_names(write_safetensors):
+    def lokr(stem):
+        return {f"{stem}.lokr_w1": torch.randn(2, 2), f"{stem}.lokr_w2": torch.randn(5, 5)}
+
+    comfy = write_safetensors({**lokr("diffusion_model.layers.0.attention.out"), **lokr("diffusion_model.layers.0.feed_forward.w2")},
+                              metadata={"ss_base_model_version": "z_image"})
+    musubi_dotted = write_safetensors({**lokr("diffusion_model.layers.0.attention.to_out.0"), **lokr("diffusion_model.layers.0.feed_forward.w2")},
+                                      metadata={"ss_base_model_version": "z_image"})
+    assert read_adapter(comfy).format == "comfyui"
+    assert read_adapter(musubi_dotted).format == "diffusers"
