@@ -1,0 +1,170 @@
+"""Bypass: adapters applied in the forward pass of Linear layers, the weights left untouched.
+
+For weights that cannot or should not be rewritten (fp8 / quantized, offloaded): every adapted layer
+gets one torch forward hook that adds m·s·ΔW·x to the layer's output, or to its output features
+[offset, offset + size) when the target is a row slice of a fused weight (split q/k/v on a fused qkv).
+The math is the module's own (`ModuleAdapter.bypass_forward`: LoKr never builds ΔW, LoHa uses its
+factored form when that is cheaper), in fp32, cast once to the output dtype.
+
+Hooks (not a replaced `forward`) so that several sets, e.g. chained loaders, can be attached to the
+same layer and removed in any order.
+
+DoRA needs the layer's weight once for its magnitude rescale (`ModuleAdapter.dora_rescale`); it is
+taken at the first forward, from the base weight. With several adapters on one DoRA layer, patch
+mode is exact and bypass rescales only by the base weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import dora
+from .adapter_file import ModuleAdapter
+from .errors import AdapterError
+
+WeightOf = Callable[[torch.nn.Module], torch.Tensor]
+
+
+def plain_weight(layer: torch.nn.Module) -> torch.Tensor:
+    return layer.weight
+
+
+@dataclass
+class _Entry:
+    module: ModuleAdapter  # reads its tensors from memory (loading.with_tensors)
+    strength: float
+    rows: tuple[int, int] | None  # (offset, size) of the layer's output features, or all of them
+    add_bias: bool  # the module carries a bias difference (full diffs with diff_b)
+    _tensors: dict = field(default_factory=dict, repr=False)  # device -> fp32 tensors
+    _rescale: torch.Tensor | None = field(default=None, repr=False)
+
+    def tensors_on(self, device: torch.device) -> dict[str, torch.Tensor]:
+        tensors = self._tensors.get(device)
+        if tensors is None:
+            tensors = self._tensors[device] = self.module.tensors(device=device, dtype=torch.float32)
+        return tensors
+
+    def rescale(self, layer: torch.nn.Module, weight_of: WeightOf, device: torch.device) -> torch.Tensor:
+        if self._rescale is None:
+            weight = weight_of(layer).detach()
+            if self.rows is not None:
+                weight = weight.narrow(0, self.rows[0], self.rows[1])
+            self._rescale = self.module.dora_rescale(weight.float(), self.strength)
+        return self._rescale.to(device)
+
+    def forget(self) -> None:
+        self._tensors.clear()
+        self._rescale = None
+
+
+def _layer_bias(layer: torch.nn.Module, offset: int, size: int, device) -> torch.Tensor | None:
+    bias = getattr(layer, "bias", None)
+    if bias is None:
+        return None
+    return bias.detach().narrow(0, offset, size).to(device=device, dtype=torch.float32)
+
+
+def _apply(entry: _Entry, layer: torch.nn.Module, x: torch.Tensor, out: torch.Tensor, weight_of: WeightOf) -> torch.Tensor:
+    """The layer's output with one adapter added (fp32 math, one cast back)."""
+    module = entry.module
+    width = out.shape[-1]
+    offset, size = entry.rows or (0, width)
+    t = entry.tensors_on(x.device)
+    xf = x.float()
+    rows = out.narrow(-1, offset, size).float()
+    if not module.has_dora:
+        new = rows + module.bypass_delta(xf, entry.strength, t)
+    else:
+        rescale = entry.rescale(layer, weight_of, x.device)
+        bias = _layer_bias(layer, offset, size, x.device)
+        if dora.on_output_axis(t["dora_scale"], module.shape):
+            new = module.bypass_forward(xf, lambda _: rows, entry.strength, bias=bias, rescale=rescale, tensors=t)
+        else:
+            # Per-input magnitude: the layer at input c⊙x. Its base part is W·(c⊙x) + b = out + W·(c⊙x − x),
+            # which keeps what earlier adapters added to `out`.
+            def base(scaled: torch.Tensor) -> torch.Tensor:
+                extra = layer.forward((scaled - xf).to(x.dtype)).narrow(-1, offset, size).float()
+                return rows + (extra if bias is None else extra - bias)
+
+            new = module.bypass_forward(xf, base, entry.strength, rescale=rescale, tensors=t)
+    if entry.add_bias:
+        new = new + entry.strength * module.delta_bias(t)
+    new = new.to(out.dtype)
+    if size == width:
+        return new
+    # Out of place (no in-place writes into a tensor autograd or inference mode may own).
+    return torch.cat([out.narrow(-1, 0, offset), new, out.narrow(-1, offset + size, width - offset - size)], dim=-1)
+
+
+class _Hook:
+    def __init__(self, entries: list[_Entry], weight_of: WeightOf):
+        self.entries = entries
+        self.weight_of = weight_of
+
+    def __call__(self, layer, args, kwargs, output):
+        x = args[0] if args else kwargs["input"]
+        for entry in self.entries:
+            output = _apply(entry, layer, x, output, self.weight_of)
+        return output
+
+
+class BypassSet:
+    """Adapters for some Linear layers of a model, applied in their forward pass while attached."""
+
+    def __init__(self) -> None:
+        self.layers: dict[str, list[_Entry]] = {}  # layer path (dotted, from the root) -> its adapters
+        self._handles: dict[int, list] = {}  # id(root) -> hook handles
+
+    def add(
+        self,
+        layer: str,
+        module: ModuleAdapter,
+        strength: float = 1.0,
+        rows: tuple[int, int] | None = None,
+        add_bias: bool = False,
+    ) -> None:
+        """Adapt layer `layer` (a dotted path) by `module`, which must read its tensors from memory."""
+        if len(module.shape) != 2:
+            raise AdapterError(
+                f"module {module.stem}: bypass mode handles Linear layers only, but it targets a weight of shape "
+                f"{list(module.shape)}; use patch mode"
+            )
+        self.layers.setdefault(layer, []).append(_Entry(module, float(strength), rows, add_bias))
+
+    def __len__(self) -> int:
+        return sum(len(entries) for entries in self.layers.values())
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self, root: torch.nn.Module, weight_of: WeightOf = plain_weight) -> None:
+        """Hook every adapted layer of `root` (once per root; attaching twice is a no-op)."""
+        if id(root) in self._handles:
+            return
+        handles = []
+        try:
+            for path, entries in self.layers.items():
+                try:
+                    layer = root.get_submodule(path)
+                except AttributeError:
+                    raise AdapterError(f"bypass: the model has no layer {path}") from None
+                handles.append(layer.register_forward_hook(_Hook(entries, weight_of), with_kwargs=True))
+        except BaseException:
+            for handle in handles:
+                handle.remove()
+            raise
+        self._handles[id(root)] = handles
+
+    def detach(self, root: torch.nn.Module | None = None) -> None:
+        """Remove the hooks from `root` (or from every root); layers compute as before."""
+        for key in [id(root)] if root is not None else list(self._handles):
+            for handle in self._handles.pop(key, []):
+                handle.remove()
+        if not self._handles:
+            for entries in self.layers.values():
+                for entry in entries:
+                    entry.forget()  # device copies and the DoRA rescale are rebuilt on the next attach

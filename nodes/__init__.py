@@ -1,0 +1,22 @@
+"""The ComfyUI nodes (V3 API). The only part of the pack that imports ComfyUI.
+
+ComfyUI reaches this package through `comfy_entrypoint` in the pack's `__init__.py`. Each node family
+is one module; this file holds the ordered node list (the order of the node menu): adding a node is
+one module plus one line here.
+"""
+
+from comfy_api.latest import ComfyExtension, io
+
+from .inspector import LycorisInspect
+from .loader import LycorisLoader, LycorisLoaderModelOnly
+
+NODES: list[type[io.ComfyNode]] = [
+    LycorisLoaderModelOnly,
+    LycorisLoader,
+    LycorisInspect,
+]
+
+
+class LycorisExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)

@@ -1,0 +1,133 @@
+"""LycorisLoaderModelOnly and LycorisLoader: apply an adapter file to a MODEL (and a CLIP)."""
+
+from __future__ import annotations
+
+import comfy.utils
+from comfy_api.latest import io, ui
+
+from ..lycoris_core.architectures import SUPPORTED
+from ..lycoris_core.loading import is_text_encoder_stem, load_report, load_tensors, read_adapter_cached, weight_shapes
+from ..lycoris_core.plan import make_plan
+from .common import CATEGORY, adapter_fingerprint, adapter_name_input, adapter_path, lokr_full_matrix_alpha_input, show_text
+from .patches import add_bypass_hooks, add_weight_patches, delegate_text_encoder
+
+ARCHITECTURES = ["auto", *(a.id for a in SUPPORTED)]
+MODES = ["patch", "bypass"]
+STRENGTH = dict(default=1.0, min=-100.0, max=100.0, step=0.01)
+MODEL_OUT = "The model with the adapter applied."
+REPORT_OUT = "What was applied: format, architecture, counts, unmatched modules."
+
+
+def _shared_inputs() -> list:
+    return [
+        io.Combo.Input(
+            "architecture", options=ARCHITECTURES, default="auto",
+            tooltip="The model family the file is for. 'auto' reads it from the file's keys and the model's weight "
+            "names; an explicit id must agree with the model. A file for another model is an error, never ignored.",
+        ),
+        io.Combo.Input(
+            "mode", options=MODES, default="patch",
+            tooltip="patch: merge into the weights when ComfyUI loads the model (fastest sampling). bypass: leave the "
+            "weights alone and add the adapter in each layer's forward pass, for fp8/quantized or offloaded weights.",
+        ),
+        lokr_full_matrix_alpha_input(),
+    ]
+
+
+def _load(model, clip, lora_name, strength_model, strength_clip, architecture, mode, lokr_full_matrix_alpha):
+    """(model, clip, report): plan against the model's weight names, then patch or hook. Raises on any problem."""
+    adapter = read_adapter_cached(adapter_path(lora_name), lokr_full_matrix_alpha=lokr_full_matrix_alpha)
+    plan = make_plan(adapter, weight_shapes(model.model_state_dict()), architecture)
+    notes, delegated = [], {}
+    if clip is not None and strength_clip != 0:
+        clip, delegated = delegate_text_encoder(clip, plan, strength_clip)
+        if delegated:
+            notes.append(f"text encoder strength {strength_clip:g}; its modules are always patched (not bypassed)")
+    left = [s for s in plan.unmatched if s not in delegated and is_text_encoder_stem(s)]
+    if left:
+        hint = ("connect a CLIP to LycorisLoader to apply them" if clip is None
+                else "strength_clip is 0" if strength_clip == 0 else "ComfyUI's CLIP key map does not know them")
+        notes.append(f"{len(left)} unmatched modules are for a text encoder: {hint}")
+    if strength_model == 0:
+        notes.append("strength 0: the file was checked against the model, nothing was applied")
+        return model, clip, load_report(plan, strength_model, mode, delegated, notes)
+    bar = comfy.utils.ProgressBar(len(plan.patches))
+    tensors = load_tensors(plan, progress=lambda done, total: bar.update_absolute(done, total))
+    add = add_bypass_hooks if mode == "bypass" else add_weight_patches
+    return add(model, plan, tensors, strength_model), clip, load_report(plan, strength_model, mode, delegated, notes)
+
+
+class LycorisLoaderModelOnly(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LycorisLoaderModelOnly",
+            display_name="Load LyCORIS (LoHa/LoKr) Model Only",
+            category=CATEGORY,
+            description="Applies a LoHa, LoKr or LoRA file (Musubi Tuner, Diffusers, LyCORIS or ComfyUI layout) to a "
+            "diffusion model, split q/k/v onto fused weights included. Chain several to stack them.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to apply the adapter to."),
+                adapter_name_input(),
+                io.Float.Input("strength_model", **STRENGTH, tooltip="How strongly to apply the adapter: "
+                               "W + strength·scale·ΔW. Negative values subtract it."),
+                *_shared_inputs(),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip=MODEL_OUT),
+                io.String.Output(display_name="report", tooltip=REPORT_OUT),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_name, strength_model, architecture="auto", mode="patch",
+                lokr_full_matrix_alpha=False) -> io.NodeOutput:
+        model, _, report = _load(model, None, lora_name, strength_model, 0.0, architecture, mode, lokr_full_matrix_alpha)
+        show_text(cls, report)
+        return io.NodeOutput(model, report, ui=ui.PreviewText(report))
+
+    @classmethod
+    def fingerprint_inputs(cls, lora_name=None, **kwargs):
+        return adapter_fingerprint(lora_name)
+
+
+class LycorisLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LycorisLoader",
+            display_name="Load LyCORIS (LoHa/LoKr)",
+            category=CATEGORY,
+            description="Applies a LoHa, LoKr or LoRA file to a diffusion model and, for the file's text-encoder "
+            "modules (kohya lora_te* keys), to the CLIP through ComfyUI's own LoRA loader.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to apply the adapter to."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="Optional: the text encoder, for files that also carry text-encoder modules."),
+                adapter_name_input(),
+                io.Float.Input("strength_model", **STRENGTH,
+                               tooltip="How strongly to apply the adapter to the diffusion model. Negative values subtract it."),
+                io.Float.Input("strength_clip", **STRENGTH,
+                               tooltip="How strongly to apply the file's text-encoder modules to the CLIP."),
+                *_shared_inputs(),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip=MODEL_OUT),
+                io.Clip.Output(display_name="CLIP", tooltip="The CLIP, with the file's text-encoder modules if it has any."),
+                io.String.Output(display_name="report", tooltip=REPORT_OUT),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_name, strength_model, strength_clip, clip=None, architecture="auto", mode="patch",
+                lokr_full_matrix_alpha=False) -> io.NodeOutput:
+        model, clip, report = _load(model, clip, lora_name, strength_model, strength_clip, architecture, mode,
+                                    lokr_full_matrix_alpha)
+        show_text(cls, report)
+        return io.NodeOutput(model, clip, report, ui=ui.PreviewText(report))
+
+    @classmethod
+    def fingerprint_inputs(cls, lora_name=None, **kwargs):
+        return adapter_fingerprint(lora_name)

@@ -1,0 +1,125 @@
+"""How a load plan becomes ComfyUI patches: weight patches (patch mode), forward hooks (bypass mode),
+and text-encoder modules handed to ComfyUI's own LoRA loader.
+
+Patch mode registers one `LycorisWeightPatch` per module with `ModelPatcher.add_patches`; ComfyUI
+calls its `calculate_weight` when it loads the model for sampling (lazily, with a backup to unpatch),
+on the whole weight or on a row slice `(key, (0, offset, size))` of a fused one.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import comfy.lora
+import comfy.weight_adapter
+import torch
+from comfy.patcher_extension import PatcherInjection
+
+from ..lycoris_core.bypass import BypassSet
+from ..lycoris_core.errors import AdapterError
+from ..lycoris_core.loading import detached, with_tensors
+from ..lycoris_core.plan import LoadPlan
+
+
+class LycorisWeightPatch(comfy.weight_adapter.WeightAdapterBase):
+    """One adapter module as a ComfyUI weight patch; the math is the core's `ModuleAdapter.apply_`.
+
+    All state is in `weights` = (module without file access, tensor names, *tensors as stored): ComfyUI
+    rebuilds adapters as `type(a)(loaded_keys, weights)` with the tensors moved to another device
+    (dynamic VRAM prefetch) and counts their memory from the tuple. Errors are raised, never logged
+    away: a weight is patched exactly or the load fails.
+    """
+
+    name = "lycoris"
+
+    def __init__(self, loaded_keys: set[str], weights: tuple):
+        self.loaded_keys = loaded_keys
+        self.weights = weights
+
+    @classmethod
+    def create(cls, module, tensors: dict[str, torch.Tensor]) -> "LycorisWeightPatch":
+        names = tuple(tensors)
+        return cls(set(module.keys), (detached(module), names, *(tensors[n] for n in names)))
+
+    def calculate_weight(self, weight, key, strength, strength_model, offset, function,
+                         intermediate_dtype=torch.float32, original_weight=None):
+        # `function` (a post-process of the added term) is only set by patches registered with one; ours never are.
+        module, names, *tensors = self.weights
+        fp32 = {name: t.to(device=weight.device, dtype=torch.float32) for name, t in zip(names, tensors)}
+        # fp32 whatever ComfyUI's intermediate dtype: one cast back into the (narrowed) weight.
+        work = weight if weight.dtype == torch.float32 else weight.float()
+        module.apply_(work, strength, tensors=fp32)
+        if work is not weight:
+            weight.copy_(work)
+        return weight
+
+
+def _target(key: str, rows: tuple[int, int] | None):
+    return key if rows is None else (key, (0, rows[0], rows[1]))
+
+
+def add_weight_patches(model, plan: LoadPlan, tensors: dict, strength: float):
+    """A clone of `model` (a ModelPatcher) with every planned module as a lazy weight patch."""
+    patched = model.clone()
+    rounds: list[dict] = []  # add_patches takes a dict: a target met twice goes in a later round
+    for patch in plan.patches:
+        items = [(_target(patch.target.key, patch.target.rows), LycorisWeightPatch.create(patch.module, tensors[patch.stem]))]
+        if patch.bias_key:
+            fp32 = {n: t.float() for n, t in tensors[patch.stem].items()}
+            items.append((_target(patch.bias_key, patch.target.rows), ("diff", (detached(patch.module).delta_bias(fp32),))))
+        for target, value in items:
+            for batch in rounds:
+                if target not in batch:
+                    batch[target] = value
+                    break
+            else:
+                rounds.append({target: value})
+    for batch in rounds:
+        accepted = set(patched.add_patches(batch, strength))
+        refused = [t for t in batch if t not in accepted]
+        if refused:  # the plan only names weights of this model; refusing one means it changed under us
+            raise AdapterError(f"{plan.adapter.path}: ComfyUI did not accept patches for {refused[:3]}")
+    return patched
+
+
+def _dequantized(layer: torch.nn.Module) -> torch.Tensor:
+    weight = layer.weight
+    return weight.dequantize() if hasattr(weight, "dequantize") else weight
+
+
+def add_bypass_hooks(model, plan: LoadPlan, tensors: dict, strength: float):
+    """A clone of `model` whose adapted layers add the modules in their forward pass (weights untouched)."""
+    hooks = BypassSet()
+    for patch in plan.patches:
+        layer = patch.target.key[: -len(".weight")]
+        hooks.add(layer, with_tensors(patch.module, tensors[patch.stem]), strength, patch.target.rows,
+                  add_bias=patch.bias_key is not None)
+    patched = model.clone()
+    # One key per load: chained loaders each keep theirs, and ComfyUI tells models apart by these keys.
+    patched.set_injections(
+        f"lycoris_bypass_{uuid.uuid4().hex[:12]}",
+        [PatcherInjection(inject=lambda mp: hooks.attach(mp.model, _dequantized), eject=lambda mp: hooks.detach(mp.model))],
+    )
+    return patched
+
+
+def delegate_text_encoder(clip, plan: LoadPlan, strength: float):
+    """Hand the file's text-encoder modules to ComfyUI's own LoRA loader (this pack patches diffusion models).
+
+    Returns (patched clip, {stem: what happened}) for the unmatched stems ComfyUI's CLIP key map knows.
+    """
+    key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
+    stems = [stem for stem in plan.unmatched if stem in key_map]
+    if not stems:
+        return clip, {}
+    adapter = plan.adapter
+    state_dict = {key: adapter.load(key) for stem in stems for key in adapter.modules[stem].keys}
+    loaded = comfy.lora.load_lora(state_dict, {stem: key_map[stem] for stem in stems})
+    patched = clip.clone()
+    accepted = set(patched.add_patches(loaded, strength))
+    done = {}
+    for stem in stems:
+        target = key_map[stem]
+        if target in loaded and target in accepted:
+            done[stem] = "text encoder, patched by ComfyUI core's LoRA loader"
+    return patched, done
