@@ -41,6 +41,16 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert_file
+
+    result = convert_file(
+        args.input, args.output, args.to, prefix=args.prefix, arch=args.arch, overwrite=args.overwrite, progress=True
+    )
+    print(result.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="comfyui-lycoris",
@@ -71,6 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--lokr-full-matrix-alpha", action="store_true", help="see inspect --help")
     p.set_defaults(run=_cmd_merge)
+
+    p = commands.add_parser("convert", help="rewrite an adapter in the Musubi, Diffusers or ComfyUI key layout (exact)")
+    p.add_argument("input", help="adapter file (any layout this pack reads)")
+    p.add_argument("output", help="output .safetensors")
+    p.add_argument(
+        "--to", required=True, choices=["musubi", "diffusers", "comfyui"],
+        help="musubi: lora_unet_ names; diffusers: <prefix>.<module path> (Musubi's --target other); "
+        "comfyui: the names ComfyUI core's LoraLoader loads completely",
+    )
+    p.add_argument("--prefix", help="key prefix for --to diffusers (default diffusion_model; also transformer)")
+    p.add_argument("--arch", help="architecture id (default: detect from the file)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.set_defaults(run=_cmd_convert)
+
     return parser
 
 
