@@ -51,6 +51,36 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .lycoris_core.training.demo import run_demo
+
+    try:
+        from .convert import convert_file
+    except ImportError:  # a checkout without the converter: the demo skips that step
+        convert_file = None
+    bars: dict[str, tqdm] = {}
+
+    def progress(name, p) -> None:
+        bar = bars.get(name) or bars.setdefault(name, tqdm(total=p.total, desc=f"train {name}", unit="step"))
+        bar.set_postfix(loss=f"{p.loss:.3g}", refresh=False)
+        bar.update(p.step - bar.n)
+        if p.step >= p.total:
+            bar.close()
+
+    def convert(source: str, output: str, to: str) -> None:
+        convert_file(source, output, to)
+
+    try:
+        report = run_demo(args.out, args.steps, progress, convert=convert if convert_file else None)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    print(report.format())
+    return 0 if report.ok() else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="comfyui-lycoris",
@@ -95,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(run=_cmd_convert)
 
+    p = commands.add_parser("demo", help="train a LoKr and a LoHa on a built-in model, save, convert, merge, verify")
+    p.add_argument("--out", default="comfyui-lycoris-demo", help="output folder (default ./comfyui-lycoris-demo); "
+                   "existing outputs are never replaced")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps per adapter (default 300)")
+    p.set_defaults(run=_cmd_demo)
     return parser
 
 

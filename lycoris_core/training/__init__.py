@@ -1,0 +1,51 @@
+"""LoHa / LoKr training in the core (Musubi Tuner semantics), for the CLI and the ComfyUI nodes.
+
+    config = TrainingConfig(algorithm="lokr", rank=16, architecture="wan", max_steps=500)
+    adapters = inject_adapters(model, config)          # hooks trainable adapters into the Linears
+    result = train(adapters, loss_fn, batches, progress=..., should_stop=...)
+    save_musubi("out.safetensors", adapters, steps=result.steps)
+    adapters.remove()                                  # the model is as it was
+
+One module per concept: `config` (the options), `modules` (the trainable layers' math),
+`inject` (which layers, Musubi names, hooks), `loop` (optimizer, schedule, checkpoints),
+`musubi_file` (saving as Musubi does), `demo` (the built-in main job).
+"""
+
+from .config import TrainingConfig
+from .inject import AdapterSet, Target, inject_adapters, plan_targets
+from .loop import TrainProgress, TrainResult, learning_rate_at, read_checkpoint, train
+from .modules import (
+    AdaptedLinear,
+    LoHaAdapter,
+    LoKrAdapter,
+    TrainableAdapter,
+    build_trainable_linear,
+    factorization,
+    lokr_shapes,
+    make_adapter,
+)
+from .musubi_file import musubi_hashes, musubi_metadata, save_musubi
+
+__all__ = [
+    "AdaptedLinear",
+    "AdapterSet",
+    "LoHaAdapter",
+    "LoKrAdapter",
+    "Target",
+    "TrainProgress",
+    "TrainResult",
+    "TrainableAdapter",
+    "TrainingConfig",
+    "build_trainable_linear",
+    "factorization",
+    "inject_adapters",
+    "learning_rate_at",
+    "lokr_shapes",
+    "make_adapter",
+    "musubi_hashes",
+    "musubi_metadata",
+    "plan_targets",
+    "read_checkpoint",
+    "save_musubi",
+    "train",
+]

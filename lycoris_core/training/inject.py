@@ -1,0 +1,332 @@
+"""Put trainable adapters on the Linear layers of any torch module, the way Musubi Tuner picks them.
+
+Selection (Musubi `LoRANetwork.create_modules`): every Linear inside the architecture's transformer
+blocks (`TRAIN_BLOCKS`, Musubi's `target_replace_modules` written as module paths), skipped only
+if its Musubi module path fullmatches an exclude (the architecture's defaults plus the user's) and
+no include. Without an architecture: every Linear, user excludes only.
+
+Naming: each adapter is saved under Musubi's name for its layer (`lora_unet_` + the Musubi module
+path with `.`→`_`). A model in ComfyUI's naming is renamed through the architecture's layer table,
+and a fused q/k/v weight gets one adapter per row slice (as Musubi trains q, k and v separately),
+so the file is the one Musubi would have written.
+
+The adapters act through forward hooks on the frozen Linears (nothing in the model is replaced);
+`AdapterSet.remove()` takes them off again.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from ..adapter_file import AdapterFile, ModuleAdapter
+from ..algorithms import ALGORITHMS
+from ..architectures import ARCHITECTURES, Architecture, Slice, flatten, match_template, template_regex
+from ..errors import AdapterError
+from ..safetensors_io import TensorEntry
+from .config import TrainingConfig
+from .modules import TrainableAdapter, make_adapter
+
+MUSUBI_PREFIX = "lora_unet_"
+_MARK = "_comfyui_lycoris_trainable"  # set on a Linear while adapters are hooked into it
+
+# Musubi's target_replace_modules (networks/network_arch.py) as block paths: the class it names sits
+# at these paths in Musubi's models and in ComfyUI's. Only Linears inside them are trained.
+TRAIN_BLOCKS: dict[str, tuple[str, ...]] = {
+    "wan": ("blocks.{n}",),  # WanAttentionBlock
+    "hunyuan_video": ("double_blocks.{n}", "single_blocks.{n}"),  # MMDoubleStreamBlock, MMSingleStreamBlock
+    "hunyuan_video_1_5": ("double_blocks.{n}",),  # MMDoubleStreamBlock
+    "framepack": ("transformer_blocks.{n}", "single_transformer_blocks.{n}"),  # HunyuanVideo(Single)TransformerBlock
+    "flux": ("double_blocks.{n}", "single_blocks.{n}"),  # DoubleStreamBlock, SingleStreamBlock
+    "flux2": ("double_blocks.{n}", "single_blocks.{n}"),
+    "qwen_image": ("transformer_blocks.{n}",),  # QwenImageTransformerBlock
+    "z_image": ("layers.{n}", "noise_refiner.{n}", "context_refiner.{n}"),  # ZImageTransformerBlock
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One adapter's place: a Linear of the model, optionally only rows [offset, offset+size)."""
+
+    path: str  # the Linear's module path in the model
+    musubi_path: str  # Musubi's module path for what the adapter changes (names the file's keys)
+    out_features: int
+    in_features: int
+    rows: tuple[int, int] | None = None
+
+    @property
+    def stem(self) -> str:
+        return MUSUBI_PREFIX + flatten(self.musubi_path)
+
+
+def musubi_names(arch: Architecture | None, path: str, shape: tuple[int, int]) -> list[tuple[str, tuple[int, int] | None]]:
+    """Musubi's module path(s) for the Linear at `path`: [(path, None)] for a plain layer, one
+    (path, rows) per part for a weight ComfyUI fuses (q/k/v), the model's own path if unknown."""
+    if arch is None:
+        return [(path, None)]
+    for musubi, _ in arch.layers:
+        if match_template(musubi, path) is not None:
+            return [(path, None)]
+    parts = []
+    for musubi, comfy in arch.layers:
+        if isinstance(comfy, Slice):
+            groups = match_template(comfy.fused, path)
+            if groups is not None:
+                parts.append((comfy.index, musubi.format(**groups), comfy.rows(shape)))
+        else:
+            groups = match_template(comfy, path)
+            if groups is not None:
+                return [(musubi.format(**groups), None)]
+    if parts:
+        return [(name, rows) for _, name, rows in sorted(parts)]
+    for alias, target in arch.aliases:  # Diffusers naming of a layer Musubi names differently
+        groups = match_template(alias, path)
+        if groups is not None and isinstance(target, str):
+            return musubi_names(arch, target.format(**groups), shape)
+    return [(path, None)]
+
+
+def _block_regexes(arch_id: str | None) -> list[re.Pattern]:
+    return [template_regex(t) for t in TRAIN_BLOCKS.get(arch_id, ())] if arch_id else []
+
+
+def block_paths(model: nn.Module, arch_id: str | None) -> list[str]:
+    """Paths of the modules that hold the trained Linears (and are checkpointed as a unit)."""
+    regexes = _block_regexes(arch_id)
+    if regexes:
+        return [name for name, _ in model.named_modules() if any(r.fullmatch(name) for r in regexes)]
+    # No architecture: the items of every ModuleList are the blocks.
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList):
+            found.extend(f"{name}.{child}" if name else child for child, _ in module.named_children())
+    return found
+
+
+def plan_targets(
+    model: nn.Module,
+    architecture: str | None = None,
+    include: tuple[str, ...] = (),
+    exclude: tuple[str, ...] = (),
+) -> tuple[list[Target], list[str]]:
+    """(targets, skipped Musubi paths) for `model`, by Musubi's rules (module docstring)."""
+    arch = ARCHITECTURES[architecture] if architecture else None
+    excludes = [re.compile(p) for p in (*exclude, *(arch.default_excludes if arch else ()))]
+    includes = [re.compile(p) for p in include]
+    blocks = _block_regexes(architecture)
+    candidates: dict[str, nn.Linear] = {}
+    for name, module in model.named_modules():
+        if blocks and not any(r.fullmatch(name) for r in blocks):
+            continue
+        for child_name, child in module.named_modules():
+            if isinstance(child, nn.Linear):
+                path = ".".join(p for p in (name, child_name) if p)
+                candidates.setdefault(path, child)
+        if not blocks:
+            break  # the root covers everything
+    targets, skipped = [], []
+    for path, linear in candidates.items():
+        shape = (linear.out_features, linear.in_features)
+        for musubi_path, rows in musubi_names(arch, path, shape):
+            excluded = any(p.fullmatch(musubi_path) for p in excludes)
+            if excluded and not any(p.fullmatch(musubi_path) for p in includes):
+                skipped.append(musubi_path)
+                continue
+            out_features = rows[1] if rows else linear.out_features
+            targets.append(Target(path, musubi_path, out_features, linear.in_features, rows))
+    stems = [t.stem for t in targets]
+    if len(set(stems)) != len(stems):
+        dup = next(s for s in stems if stems.count(s) > 1)
+        raise AdapterError(f"two layers of the model map to the same Musubi name {dup}")
+    return targets, skipped
+
+
+class AdapterSet(nn.Module):
+    """The trainable adapters of one model, keyed by their Musubi stem, and the hooks that apply
+    them. `parameters()` are what the optimizer trains; `remove()` restores the model."""
+
+    def __init__(self, config: TrainingConfig, targets: list[Target], adapters: dict[str, TrainableAdapter]):
+        super().__init__()
+        self.config = config
+        self.targets = {t.stem: t for t in targets}
+        self.adapters = nn.ModuleDict(adapters)
+        self._hooks: list = []
+        self._checkpointed: list[tuple[nn.Module, object]] = []
+        self.skipped: list[str] = []
+
+    # --- applying ---------------------------------------------------------------------------
+
+    def attach(self, model: nn.Module) -> None:
+        by_linear: dict[str, list[str]] = {}
+        for stem, target in self.targets.items():
+            by_linear.setdefault(target.path, []).append(stem)
+        linears = {path: model.get_submodule(path) for path in by_linear}
+        taken = [path for path, linear in linears.items() if getattr(linear, _MARK, False)]
+        if taken:
+            raise AdapterError(f"layer {taken[0]} already carries trainable adapters; remove() those first")
+        for path, stems in by_linear.items():
+            parts = [(self.adapters[s], self.targets[s].rows) for s in stems]
+            parts.sort(key=lambda p: p[1][0] if p[1] else 0)
+            linear = linears[path]
+            self._hooks.append((linear, linear.register_forward_hook(functools.partial(_add_delta, parts=parts))))
+            setattr(linear, _MARK, True)
+
+    def checkpoint_blocks(self, model: nn.Module, arch_id: str | None) -> int:
+        """Wrap each block's forward in torch.utils.checkpoint; returns how many."""
+        paths = block_paths(model, arch_id)
+        for path in paths:
+            block = model.get_submodule(path)
+            own = block.__dict__.get("forward")  # an instance-level forward someone else set
+            block.forward = functools.partial(_checkpointed, own or block.forward)
+            self._checkpointed.append((block, own))
+        return len(paths)
+
+    def remove(self) -> None:
+        """Take the adapters off the model (hooks, checkpoint wrappers); the adapters stay usable."""
+        for linear, hook in self._hooks:
+            hook.remove()
+            linear.__dict__.pop(_MARK, None)
+        self._hooks.clear()
+        for block, own in self._checkpointed:
+            if own is None:
+                del block.forward
+            else:
+                block.forward = own
+        self._checkpointed.clear()
+
+    def __enter__(self) -> "AdapterSet":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # --- reading out --------------------------------------------------------------------------
+
+    def musubi_tensors(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """`{stem}.{param}` -> tensor as Musubi's save_weights writes them: every tensor (alpha
+        included, a 0-dim tensor) in `dtype` (default: the config's save_dtype), on CPU."""
+        dtype = dtype or self.config.torch_save_dtype
+        tensors = {}
+        for stem in sorted(self.adapters):
+            adapter = self.adapters[stem]
+            tensors[f"{stem}.alpha"] = adapter.alpha.detach().to("cpu", dtype).clone()
+            for name, p in adapter.factors().items():
+                tensors[f"{stem}.{name}"] = p.detach().to("cpu", dtype).clone()
+        return tensors
+
+    def delta_weights(self) -> dict[str, torch.Tensor]:
+        """stem -> s·ΔW (fp32): the change a merge at strength 1 makes (to `rows` of a fused weight)."""
+        return {stem: adapter.delta_weight() for stem, adapter in self.adapters.items()}
+
+    def to_adapter_file(self, metadata: dict[str, str] | None = None, name: str = "<trained>") -> AdapterFile:
+        """A snapshot of the adapters as the core's file model (what `read_adapter` returns for the
+        saved file), for loading onto a model without writing a file."""
+        tensors = self.musubi_tensors()
+        entries = {k: TensorEntry(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()}
+        modules = {}
+        for stem, adapter in self.adapters.items():
+            params = {"alpha": entries[f"{stem}.alpha"]}
+            params.update({n: entries[f"{stem}.{n}"] for n in adapter.factors()})
+            modules[stem] = ModuleAdapter(
+                stem, ALGORITHMS[adapter.algorithm], params, float(tensors[f"{stem}.alpha"].item()), tensors.__getitem__
+            )
+        return AdapterFile(
+            path=name,
+            format="musubi",
+            architecture=self.config.architecture,
+            metadata=dict(metadata or {}),
+            modules=modules,
+            unknown_keys=[],
+            tensors=entries,
+            size=sum(e.nbytes for e in entries.values()),
+            load=tensors.__getitem__,
+        )
+
+    def summary(self) -> str:
+        kinds: dict[str, int] = {}
+        for adapter in self.adapters.values():
+            kind = adapter.algorithm + (" full-matrix" if adapter.full_matrix else "")
+            kinds[kind] = kinds.get(kind, 0) + 1
+        params = sum(p.numel() for p in self.parameters())
+        text = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+        return f"{len(self.adapters)} layers ({text}), {params:,} trainable parameters, {len(self.skipped)} excluded"
+
+
+def _add_delta(linear: nn.Module, args, output, parts):
+    """Forward hook: the Linear's output plus each adapter's s·ΔW·x (in its rows)."""
+    x = args[0]
+    if len(parts) == 1 and parts[0][1] is None:
+        delta = parts[0][0](x)
+        return output if delta is None else output + delta.to(output.dtype)
+    pieces, position = [], 0
+    for adapter, rows in parts:
+        offset, size = rows or (0, output.shape[-1])
+        delta = adapter(x)
+        if delta is None:
+            continue
+        if offset > position:
+            pieces.append(output.new_zeros(*output.shape[:-1], offset - position))
+        pieces.append(delta.to(output.dtype))
+        position = offset + size
+    if not pieces:
+        return output
+    if position < output.shape[-1]:
+        pieces.append(output.new_zeros(*output.shape[:-1], output.shape[-1] - position))
+    return output + torch.cat(pieces, dim=-1)
+
+
+def _checkpointed(forward, *args, **kwargs):
+    if torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
+
+
+def inject_adapters(model: nn.Module, config: TrainingConfig, freeze: bool = True) -> AdapterSet:
+    """Create Musubi-initialised adapters (ΔW = 0) on the model's target Linears and hook them in.
+
+    The adapters are made in fp32 from `config.seed` (the global RNG is left as it was) and live on
+    each Linear's device. `freeze` turns off gradients for every parameter of `model`. Raises
+    AdapterError when the options are bad or no layer is selected.
+    """
+    config.validate()
+    targets, skipped = plan_targets(model, config.architecture, config.include, config.exclude)
+    if not targets:
+        linears = sum(isinstance(m, nn.Linear) for m in model.modules())
+        where = f"the {config.architecture} blocks ({', '.join(TRAIN_BLOCKS.get(config.architecture, ()))})" if config.architecture else "the model"
+        raise AdapterError(
+            f"no layer to train: {where} hold no Linear that the excludes leave in "
+            f"({linears} Linear layers in the model, {len(skipped)} excluded; pass the diffusion model "
+            f"itself, e.g. ComfyUI's model.model.diffusion_model)"
+        )
+    adapters = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        for target in targets:
+            linear = model.get_submodule(target.path)
+            adapter = make_adapter(
+                config.algorithm,
+                target.out_features,
+                target.in_features,
+                config.rank,
+                config.alpha,
+                config.factor,
+                rank_dropout=config.rank_dropout,
+                module_dropout=config.module_dropout,
+            )
+            device = linear.weight.device
+            adapters[target.stem] = adapter if device.type == "cpu" else adapter.to(device)
+    result = AdapterSet(config, targets, adapters)
+    result.skipped = skipped
+    result.attach(model)
+    if config.gradient_checkpointing and not result.checkpoint_blocks(model, config.architecture):
+        result.remove()
+        raise AdapterError("gradient checkpointing asked for, but the model has no blocks to checkpoint")
+    if freeze:
+        model.requires_grad_(False)
+    return result
+
