@@ -40,15 +40,6 @@ FAMILY_PREFIXES = (
     "transformer.",
 )
 
-# The names ComfyUI core's LoRA loader (comfy.lora.model_lora_keys_unet, ComfyUI 0.28.0; dumped in
-# tests/fixtures/comfyui_models/*.lora_key_map.json) maps onto row slices of a fused weight: per
-# architecture, {naming of the parts: key prefix}. HunyuanVideo 1.5 is absent on purpose: core maps
-# no name onto the slices of its fused img/txt q/k/v, so a part there only loads once fused.
-COMFY_SLICE_NAMES: dict[str, dict[str, str]] = {
-    "z_image": {"musubi": "diffusion_model."},
-    "flux": {"diffusers": "transformer."},
-    "flux2": {"diffusers": "transformer."},
-}
 COMFY_PREFIX = "diffusion_model."  # core maps `diffusion_model.<path>` for every weight of every model
 
 
@@ -192,7 +183,7 @@ class ArchitectureNames:
 
     def comfy_slice_prefix(self, partition: Partition) -> str | None:
         """The key prefix under which ComfyUI core maps these parts onto slices, or None if it maps none."""
-        return COMFY_SLICE_NAMES.get(self.arch.id, {}).get(partition.naming)
+        return dict(self.arch.comfyui_slice_names).get(partition.naming)
 
 
 @functools.cache

@@ -73,6 +73,13 @@ class Architecture:
     aliases: tuple[tuple[str, object], ...] = ()
     # Groups of regexes searched in model module paths (dotted): all of a group must hit.
     model_signature: tuple[tuple[str, ...], ...] = ()
+    # The blocks Musubi's trainer adapts (its target_replace_modules, as module-path templates).
+    train_blocks: tuple[str, ...] = ()
+    # Split q/k/v names ComfyUI core's LoRA loader maps onto slices of its fused weights (ComfyUI
+    # 0.28.0, see tests/fixtures/comfyui_models/*.lora_key_map.json): (naming, key prefix), naming
+    # "musubi" (the layer templates) or "diffusers" (the aliases). HunyuanVideo 1.5 has none: core
+    # maps no name onto the slices of its fused img/txt q/k/v, so parts there only load once fused.
+    comfyui_slice_names: tuple[tuple[str, str], ...] = ()
     refused: str | None = None
     notes: tuple[str, ...] = field(default=())
 
@@ -117,6 +124,7 @@ WAN = Architecture(
         ("proj_out", "head.head"),
     ),
     model_signature=((r"^blocks\.\d+\.(self_attn\.q|attn1\.to_q)$", r"^blocks\.\d+\.(cross_attn\.q|attn2\.to_q)$"),),
+    train_blocks=("blocks.{n}",),
 )
 
 _HV_DOUBLE = (
@@ -160,6 +168,7 @@ HUNYUAN_VIDEO = Architecture(
         *_HV_EMBEDDERS,
     ),
     model_signature=((r"^double_blocks\.\d+\.img_attn[._]qkv$", r"^single_blocks\.\d+\.linear1$", r"^txt_in\.individual_token_refiner\."),),
+    train_blocks=("double_blocks.{n}", "single_blocks.{n}"),
 )
 
 HUNYUAN_VIDEO_1_5 = Architecture(
@@ -176,6 +185,7 @@ HUNYUAN_VIDEO_1_5 = Architecture(
     model_signature=(
         (r"^double_blocks\.\d+\.img_attn(\.qkv|_q)$", r"^txt_in\.individual_token_refiner\.", r"^(byt5_in|cond_type_embedding|vision_in)\b"),
     ),
+    train_blocks=("double_blocks.{n}",),
 )
 
 _FRAMEPACK_DOUBLE = [f"transformer_blocks.{{n}}.attn.{p}" for p in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")]
@@ -203,6 +213,7 @@ FRAMEPACK = Architecture(
     ),
     model_signature=((r"^single_transformer_blocks\.\d+\.proj_mlp$", r"^context_embedder\.token_refiner\."),),
     notes=("ComfyUI core has no FramePack model; FramePack wrappers use these (Musubi's) names.",),
+    train_blocks=("transformer_blocks.{n}", "single_transformer_blocks.{n}"),
 )
 
 _FLUX_DOUBLE = (
@@ -257,6 +268,8 @@ FLUX = Architecture(
         ("time_text_embed.guidance_embedder.linear_2", "guidance_in.out_layer"),
     ),
     model_signature=((r"^double_blocks\.\d+\.img_mod\.lin$", r"^single_blocks\.\d+\.linear1$", r"^txt_in$"),),
+    train_blocks=("double_blocks.{n}", "single_blocks.{n}"),
+    comfyui_slice_names=(("diffusers", "transformer."),),
 )
 
 FLUX2 = Architecture(
@@ -285,6 +298,8 @@ FLUX2 = Architecture(
         ("single_stream_modulation.linear", "single_stream_modulation.lin"),
     ),
     model_signature=((r"^(double|single)_stream_modulation", r"^single_blocks\.\d+\.linear1$"),),
+    train_blocks=("double_blocks.{n}", "single_blocks.{n}"),
+    comfyui_slice_names=(("diffusers", "transformer."),),
 )
 
 QWEN_IMAGE = Architecture(
@@ -301,6 +316,7 @@ QWEN_IMAGE = Architecture(
         "norm_out.linear", "proj_out",
     ),
     model_signature=((r"^transformer_blocks\.\d+\.img_mod\.1$", r"^transformer_blocks\.\d+\.attn\.add_q_proj$"),),
+    train_blocks=("transformer_blocks.{n}",),
 )
 
 _ZIMAGE_BLOCK = "{b}.{n}"
@@ -319,6 +335,8 @@ Z_IMAGE = Architecture(
         *_same("cap_embedder.1", "t_embedder.mlp.0", "t_embedder.mlp.2"),
     ),
     model_signature=((r"^layers\.\d+\.attention\.(qkv|to_q)$", r"^layers\.\d+\.feed_forward\.w1$", r"^(noise|context)_refiner\.\d+\."),),
+    train_blocks=("layers.{n}", "noise_refiner.{n}", "context_refiner.{n}"),
+    comfyui_slice_names=(("musubi", "diffusion_model."),),
 )
 
 KANDINSKY5 = Architecture(

@@ -1,7 +1,7 @@
 """Put trainable adapters on the Linear layers of any torch module, the way Musubi Tuner picks them.
 
 Selection (Musubi `LoRANetwork.create_modules`): every Linear inside the architecture's transformer
-blocks (`TRAIN_BLOCKS`, Musubi's `target_replace_modules` written as module paths), skipped only
+blocks (the architecture's `train_blocks`: Musubi's `target_replace_modules` as module paths), skipped only
 if its Musubi module path fullmatches an exclude (the architecture's defaults plus the user's) and
 no include. Without an architecture: every Linear, user excludes only.
 
@@ -34,20 +34,6 @@ from .modules import TrainableAdapter, make_adapter
 
 MUSUBI_PREFIX = "lora_unet_"
 _MARK = "_comfyui_lycoris_trainable"  # set on a Linear while adapters are hooked into it
-
-# Musubi's target_replace_modules (networks/network_arch.py) as block paths: the class it names sits
-# at these paths in Musubi's models and in ComfyUI's. Only Linears inside them are trained.
-TRAIN_BLOCKS: dict[str, tuple[str, ...]] = {
-    "wan": ("blocks.{n}",),  # WanAttentionBlock
-    "hunyuan_video": ("double_blocks.{n}", "single_blocks.{n}"),  # MMDoubleStreamBlock, MMSingleStreamBlock
-    "hunyuan_video_1_5": ("double_blocks.{n}",),  # MMDoubleStreamBlock
-    "framepack": ("transformer_blocks.{n}", "single_transformer_blocks.{n}"),  # HunyuanVideo(Single)TransformerBlock
-    "flux": ("double_blocks.{n}", "single_blocks.{n}"),  # DoubleStreamBlock, SingleStreamBlock
-    "flux2": ("double_blocks.{n}", "single_blocks.{n}"),
-    "qwen_image": ("transformer_blocks.{n}",),  # QwenImageTransformerBlock
-    "z_image": ("layers.{n}", "noise_refiner.{n}", "context_refiner.{n}"),  # ZImageTransformerBlock
-}
-
 
 @dataclass(frozen=True)
 class Target:
@@ -92,7 +78,7 @@ def musubi_names(arch: Architecture | None, path: str, shape: tuple[int, int]) -
 
 
 def _block_regexes(arch_id: str | None) -> list[re.Pattern]:
-    return [template_regex(t) for t in TRAIN_BLOCKS.get(arch_id, ())] if arch_id else []
+    return [template_regex(t) for t in ARCHITECTURES[arch_id].train_blocks] if arch_id in ARCHITECTURES else []
 
 
 def block_paths(model: nn.Module, arch_id: str | None) -> list[str]:
@@ -297,7 +283,7 @@ def inject_adapters(model: nn.Module, config: TrainingConfig, freeze: bool = Tru
     targets, skipped = plan_targets(model, config.architecture, config.include, config.exclude)
     if not targets:
         linears = sum(isinstance(m, nn.Linear) for m in model.modules())
-        where = f"the {config.architecture} blocks ({', '.join(TRAIN_BLOCKS.get(config.architecture, ()))})" if config.architecture else "the model"
+        where = f"the {config.architecture} blocks ({', '.join(ARCHITECTURES[config.architecture].train_blocks)})" if config.architecture else "the model"
         raise AdapterError(
             f"no layer to train: {where} hold no Linear that the excludes leave in "
             f"({linears} Linear layers in the model, {len(skipped)} excluded; pass the diffusion model "
