@@ -26,6 +26,7 @@ from safetensors import safe_open
 from .errors import AdapterError
 
 MAX_HEADER_BYTES = 100 * 1000 * 1000
+WRITE_BUFFER_BYTES = 8 << 20
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 # safetensors dtype names <-> torch dtypes (only those torch can hold).
@@ -244,6 +245,7 @@ class AtomicFile:
             prefix="." + os.path.basename(self.path) + ".", suffix=".tmp", dir=self.folder
         )
         os.close(fd)
+        os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
 
     def commit(self) -> None:
         with open(self.tmp, "rb+") as f:
@@ -271,6 +273,12 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
     except BaseException:
         target.abort()
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: str) -> None:
@@ -331,7 +339,8 @@ class SafetensorsWriter:
 
     def __enter__(self) -> "SafetensorsWriter":
         self._target = AtomicFile(self.path, self.overwrite)
-        self._file = open(self._target.tmp, "wb")
+        # A large buffer batches the many small tensors of an adapter into few writes.
+        self._file = open(self._target.tmp, "wb", buffering=WRITE_BUFFER_BYTES)
         self._file.write(self._header_bytes())
         return self
 

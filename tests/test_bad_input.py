@@ -188,3 +188,11 @@ def test_writer_output_reads_back_exactly(tmp_path):
 
     with safe_open(str(out), "pt") as f:
         assert f.metadata() == {"k": "v"}
+
+
+def test_outputs_get_the_usual_file_mode(tmp_path):
+    out = tmp_path / "mode.safetensors"
+    save_tensors(out, {"a": torch.zeros(2)})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(out).st_mode & 0o777 == 0o666 & ~mask
