@@ -7,13 +7,19 @@ one module plus one line here.
 
 from comfy_api.latest import ComfyExtension, io
 
+from .converter import LycorisConvert
 from .inspector import LycorisInspect
 from .loader import LycorisLoader, LycorisLoaderModelOnly
+from .training import LycorisApply, LycorisSave, LycorisTrain
 
 NODES: list[type[io.ComfyNode]] = [
     LycorisLoaderModelOnly,
     LycorisLoader,
     LycorisInspect,
+    LycorisConvert,
+    LycorisTrain,
+    LycorisSave,
+    LycorisApply,
 ]
 
 

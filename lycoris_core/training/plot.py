@@ -76,12 +76,17 @@ class _Canvas:
 
 def loss_chart(path: str, series: dict[str, list[float]], width: int = 640, height: int = 400) -> None:
     """Loss per step for each named series, log-scaled y axis, legend top right."""
+    write_png(path, width, height, loss_chart_pixels(series, width, height))
+
+
+def loss_chart_pixels(series: dict[str, list[float]], width: int = 640, height: int = 400) -> bytearray:
+    """The `loss_chart` picture as RGB8 pixels (row-major, 3 bytes each), for hosts that show images
+    themselves (ComfyUI's IMAGE)."""
     canvas = _Canvas(width, height)
     left, right, top, bottom = 60, width - 20, 20, height - 40
     values = [v for losses in series.values() for v in losses if v > 0 and math.isfinite(v)]
     if not values:
-        write_png(path, width, height, canvas.pixels)
-        return
+        return canvas.pixels
     lo, hi = math.floor(math.log10(min(values))), math.ceil(math.log10(max(values)))
     hi = max(hi, lo + 1)
     steps = max(len(losses) for losses in series.values())
@@ -108,4 +113,4 @@ def loss_chart(path: str, series: dict[str, list[float]], width: int = 640, heig
             canvas.line(x0, y0, x1, y1, color, thick=2)
         canvas.line(right - 90, top + 8 + 16 * n, right - 70, top + 8 + 16 * n, color, thick=3)
         canvas.text(right - 64, top + 4 + 16 * n, name, color)
-    write_png(path, width, height, canvas.pixels)
+    return canvas.pixels

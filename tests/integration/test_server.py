@@ -27,7 +27,7 @@ from helpers import MUSUBI
 require_comfyui()  # skips this module, with the reason, when there is no ComfyUI
 
 PACK = "comfyui-lycoris"
-NODE_IDS = ("LycorisLoaderModelOnly", "LycorisLoader", "LycorisInspect")
+NODE_IDS = ("LycorisLoaderModelOnly", "LycorisLoader", "LycorisInspect", "LycorisConvert")
 FRONTEND_ONLY = {"Note", "MarkdownNote"}  # drawn by the frontend, never sent to the server
 TINY_WAN = "tiny_wan_i2v.safetensors"
 

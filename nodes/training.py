@@ -1,0 +1,455 @@
+"""LycorisTrain, LycorisSave, LycorisApply: train a LoHa/LoKr inside ComfyUI, save it as Musubi Tuner (or
+Diffusers) would, or apply it to a model without saving.
+
+The training node only translates: the layers, names and math are the core's (`inject_adapters`), the loop
+is the core's (`train`). What it adds is ComfyUI's side of a denoising step, the way ComfyUI's own
+TrainLoraNode does it: a deep copy of the model (the input model is never touched), ComfyUI's sampling setup
+(`TrainGuider`: model loading, conditioning processing, latent scaling) and a loss on the model's denoised
+(x0) prediction of a latent noised at a random sigma.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import comfy.model_management
+import comfy.samplers
+import comfy.utils
+import torch
+import torch.nn.functional as F
+from comfy_api.latest import io, ui
+
+from ..convert import convert_file
+from ..convert.converter import DIFFUSERS_PREFIXES
+from ..lycoris_core.architectures import SUPPORTED, describe_architecture, detect_model_architecture
+from ..lycoris_core.errors import AdapterError
+from ..lycoris_core.loading import load_report, load_tensors, weight_shapes
+from ..lycoris_core.plan import make_plan
+from ..lycoris_core.training import AdapterSet, TrainingConfig, inject_adapters, save_musubi, train
+from ..lycoris_core.training.config import ALGORITHMS, SAVE_DTYPES, UNSUPPORTED_OPTIMIZERS
+from ..lycoris_core.training.plot import loss_chart_pixels
+from .common import show_text
+from .outputs import listed_name, numbered_output
+from .patches import add_bypass_hooks, add_weight_patches
+
+CATEGORY = "training/lycoris"
+ADAPTER = io.Custom("LYCORIS_ADAPTER")
+ARCHITECTURES = ["auto", *(a.id for a in SUPPORTED)]
+OPTIMIZERS = ["AdamW", *sorted(
+    name for name, cls in vars(torch.optim).items()
+    if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer
+    and name not in (*UNSUPPORTED_OPTIMIZERS, "AdamW")
+)]
+CHART_SIZE = (640, 400)
+
+
+@dataclass(frozen=True)
+class TrainedAdapter:
+    """What a LYCORIS_ADAPTER socket carries: the trained adapters (frozen, on the CPU, off any model) and
+    the run's record. Nodes downstream read it and never change it (ComfyUI may reuse a cached output)."""
+
+    adapters: AdapterSet
+    steps: int
+    losses: tuple[float, ...]
+
+    @property
+    def config(self) -> TrainingConfig:
+        return self.adapters.config
+
+
+# ---------------------------------------------------------------------------------------------
+# LycorisTrain
+
+
+def split_patterns(text: str) -> tuple[str, ...]:
+    """Regexes from a text field: one per line, or separated by commas outside (), [] and {} (so
+    `a{1,3}` stays one pattern); blanks dropped."""
+    patterns, current, depth, escaped = [], [], 0, False
+    for ch in text + "\n":
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth = max(0, depth - 1)
+        elif ch == "\n" or (ch == "," and depth == 0):
+            patterns.append("".join(current).strip())
+            current, depth = [], 0
+            continue
+        current.append(ch)
+    return tuple(p for p in patterns if p)
+
+
+def _clone_tensors(value):
+    """A copy of a conditioning structure whose tensors are ordinary tensors. ComfyUI makes them in inference
+    mode, and autograd cannot save an inference tensor for the backward pass: none may reach an adapted layer."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _clone_tensors(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone_tensors(v) for v in value)
+    return value
+
+
+def training_data(latents: list[dict], positive: list[list]) -> tuple[torch.Tensor, list, list[int]]:
+    """(latents (N, …), captions, caption index of each latent) from the node's list inputs.
+
+    Like ComfyUI's TrainLoraNode: every LATENT batch item is one sample; conditionings are one caption for
+    all samples, or exactly one per sample (lists from the dataset nodes).
+    """
+    samples = [item for latent in latents for item in latent["samples"].unbind(0)]
+    if not samples:
+        raise AdapterError("no training latents: the LATENT input is empty")
+    shapes = sorted({tuple(s.shape) for s in samples})
+    if len(shapes) > 1:
+        raise AdapterError(f"training latents differ in size ({', '.join(map(str, shapes[:4]))}); "
+                           "LycorisTrain needs one size: resize or crop the images to one resolution")
+    captions = [entry for conditioning in positive for entry in conditioning]
+    if len(captions) == 1:
+        caption_of = [0] * len(samples)
+    elif len(captions) == len(samples):
+        caption_of = list(range(len(samples)))
+    else:
+        raise AdapterError(f"{len(captions)} conditionings for {len(samples)} latents: "
+                           "give one for all, or one per latent")
+    return torch.stack(samples).float(), _clone_tensors(captions), caption_of
+
+
+def batch_schedule(samples: int, batch_size: int, seed: int):
+    """step -> (step, sample indices): epochs in seeded random order, `batch_size` samples per step."""
+    batch_size = min(batch_size, samples)
+
+    @functools.lru_cache(maxsize=4)
+    def order(epoch: int) -> list[int]:
+        return torch.randperm(samples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+    def batch(step: int) -> tuple[int, list[int]]:
+        positions = range(step * batch_size, (step + 1) * batch_size)
+        return step, [order(p // samples)[p % samples] for p in positions]
+
+    return batch
+
+
+def denoising_loss(model_wrap, extra_args: dict, latents: torch.Tensor, caption_of: list[int], seed: int):
+    """loss_fn(batch) for the core loop: ComfyUI TrainSampler's objective.
+
+    Each sample is noised at sigma = model_sampling.percent_to_sigma(u), u ~ U(0,1), and the MSE is taken
+    between the model's denoised prediction (what ComfyUI's guider returns: x0) and the clean latent.
+    Noise and u come from a generator seeded per step (the global RNG stays the core loop's, for dropout).
+    Samples of one caption share a forward pass; captions are never mixed in one call (ComfyUI would
+    average the predictions of every cond it is given).
+    """
+    from comfy_extras.nodes_train import make_batch_extra_option_dict
+
+    sampling = model_wrap.inner_model.model_sampling
+    conds = model_wrap.conds["positive"]
+    total = latents.shape[0]
+
+    def loss_fn(batch) -> torch.Tensor:
+        step, indices = batch
+        generator = torch.Generator().manual_seed(seed + 1000 * step)
+        loss = latents.new_zeros((), dtype=torch.float32)
+        for caption in sorted({caption_of[i] for i in indices}):
+            group = [i for i in indices if caption_of[i] == caption]
+            x0 = latents[group]
+            noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0)
+            percents = torch.rand(len(group), generator=generator).tolist()
+            sigma = torch.tensor([sampling.percent_to_sigma(p) for p in percents], dtype=torch.float32, device=x0.device)
+            xt = sampling.noise_scaling(sigma, noise, x0, False)
+            target = sampling.noise_scaling(torch.zeros_like(sigma), torch.zeros_like(noise), x0, False)
+            model_wrap.conds["positive"] = [conds[caption]]
+            denoised = model_wrap(xt, sigma, **make_batch_extra_option_dict(extra_args, group, full_size=total))
+            loss = loss + F.mse_loss(denoised.float(), target.float()) * (len(group) / len(indices))
+        return loss
+
+    return loss_fn
+
+
+class _CoreLoopSampler(comfy.samplers.Sampler):
+    """The 'sampler' ComfyUI's guider calls once everything is loaded: it runs the core training loop."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        from comfy_extras.nodes_train import process_cond_list
+
+        process_cond_list(model_wrap.conds)  # detached copies of the processed conds, as TrainSampler does
+        self.run(model_wrap, extra_args, latent_image)
+        return torch.zeros_like(latent_image)
+
+
+def training_copy(model):
+    """A deep copy of the ModelPatcher to train on (the input model is never touched), rebuilt the way
+    ComfyUI's TrainLoraNode does it; also makes its weights ordinary (non-inference) tensors."""
+    if getattr(model, "cached_patcher_init", None) is None:
+        raise AdapterError("this MODEL cannot be copied for training (its loader did not record how to rebuild it); "
+                           "load it with ComfyUI's Load Diffusion Model / Load Checkpoint node")
+    return model.clone(force_deepcopy=True)
+
+
+def run_training(model, latents: torch.Tensor, captions: list, caption_of: list[int], config: TrainingConfig,
+                 batch_size: int, progress=None, should_stop=None):
+    """Train adapters on a copy of `model`; (TrainedAdapter, core TrainResult). The copy is dropped."""
+    from comfy_extras.nodes_train import TrainGuider  # ComfyUI's sampling setup for training
+
+    mp = training_copy(model)
+    adapters = inject_adapters(mp.model.diffusion_model, config)
+    result = None
+
+    def run(model_wrap, extra_args, latent_image):
+        nonlocal result
+        loss_fn = denoising_loss(model_wrap, extra_args, latent_image, caption_of, config.seed)
+        batches = batch_schedule(latent_image.shape[0], batch_size, config.seed)
+        result = train(adapters, loss_fn, batches, config, progress=progress, should_stop=should_stop)
+
+    try:
+        adapters.to(mp.load_device)
+        # Everything else leaves the device first, as in TrainLoraNode: training needs the memory.
+        comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
+        guider = TrainGuider(mp)
+        guider.set_conds(captions)
+        comfy.model_management.in_training = True  # ComfyUI then avoids in-place ops autograd cannot handle
+        guider.sample(torch.zeros_like(latents), latents, _CoreLoopSampler(run),
+                      torch.arange(latents.shape[0], dtype=torch.float32), seed=config.seed)
+    except RuntimeError as e:
+        if config.gradient_checkpointing or "modified by an inplace operation" not in str(e):
+            raise
+        raise AdapterError(f"ComfyUI's {describe_architecture(config.architecture)} model adds into activations in "
+                           "place, which the backward pass still needs: turn gradient_checkpointing on") from None
+    finally:
+        comfy.model_management.in_training = False
+        adapters.remove()
+    adapters.requires_grad_(False).to("cpu")
+    return TrainedAdapter(adapters, result.steps, tuple(result.losses)), result
+
+
+def loss_image(losses) -> torch.Tensor:
+    """The loss chart as a ComfyUI IMAGE: float [1, H, W, 3] in 0..1."""
+    width, height = CHART_SIZE
+    pixels = loss_chart_pixels({"loss": list(losses)}, width, height)
+    return torch.frombuffer(pixels, dtype=torch.uint8).reshape(1, height, width, 3).float() / 255.0
+
+
+class LycorisTrain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LycorisTrain",
+            display_name="Train LyCORIS (LoHa/LoKr)",
+            category=CATEGORY,
+            description="Trains a LoHa or LoKr on latents and their conditioning, on the layers Musubi Tuner trains "
+            "and under its names, so the result saves as the file Musubi would write. The input model is not changed.",
+            is_input_list=True,  # the dataset nodes send lists of latents and conditionings, as to TrainLoraNode
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to train on (left unchanged: training runs on "
+                               "a copy)."),
+                io.Latent.Input("latents", tooltip="The training images/videos as latents; every batch item is one "
+                                "sample, all of one size."),
+                io.Conditioning.Input("positive", tooltip="Their captions: one conditioning for all latents, or one "
+                                      "per latent (in order)."),
+                io.Combo.Input("algorithm", options=list(ALGORITHMS), default="lokr",
+                               tooltip="lokr: Musubi networks.lokr (Kronecker product). loha: Musubi networks.loha "
+                               "(Hadamard product of two low-rank pairs)."),
+                io.Int.Input("rank", default=16, min=1, max=1024,
+                             tooltip="Musubi network_dim. LoKr: rank of the second factor (stored full, scale 1, when "
+                             "rank ≥ half its size)."),
+                io.Float.Input("alpha", default=1.0, min=0.0, max=10000.0, step=0.01,
+                               tooltip="Musubi network_alpha: scale = alpha / rank (0 means alpha = rank)."),
+                io.Int.Input("factor", default=-1, min=-1, max=4096,
+                             tooltip="LoKr only: the Kronecker factor (-1 = as balanced as possible; 0 is invalid)."),
+                io.Int.Input("steps", default=100, min=1, max=1000000, tooltip="Optimizer steps to train."),
+                io.Float.Input("learning_rate", default=0.0005, min=0.0000001, max=1.0, step=0.0000001,
+                               tooltip="Learning rate after the warmup (constant)."),
+                io.Combo.Input("optimizer", options=OPTIMIZERS, default="AdamW",
+                               tooltip="A torch.optim optimizer, with its default settings."),
+                io.Int.Input("batch_size", default=1, min=1, max=10000,
+                             tooltip="Samples per step (at most the number of latents)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF,
+                             tooltip="Seeds the adapter's initialisation, the sample order, the noise and the dropout."),
+                io.Int.Input("warmup_steps", default=0, min=0, max=1000000,
+                             tooltip="Steps of linear learning-rate warmup from 0."),
+                io.Boolean.Input("gradient_checkpointing", default=True,
+                                 tooltip="Recompute each block in the backward pass: much less memory, about 30% "
+                                 "slower. Flux needs it on."),
+                io.Combo.Input("architecture", options=ARCHITECTURES, default="auto",
+                               tooltip="The model family: picks the blocks and layers Musubi trains, its default "
+                               "excludes and the names in the file. 'auto' reads it from the model."),
+                io.Float.Input("rank_dropout", default=0.0, min=0.0, max=0.99, step=0.01, advanced=True,
+                               tooltip="Probability of dropping each output row of the change per step (Musubi "
+                               "rank_dropout)."),
+                io.Float.Input("module_dropout", default=0.0, min=0.0, max=0.99, step=0.01, advanced=True,
+                               tooltip="Probability of skipping a whole adapted layer per step (Musubi module_dropout)."),
+                io.String.Input("include", default="", multiline=True, advanced=True,
+                                tooltip="Regexes (one per line or comma-separated) fullmatched on Musubi module paths, "
+                                "e.g. blocks\\.0\\..*: re-admit layers an exclude removed (they never narrow the set)."),
+                io.String.Input("exclude", default="", multiline=True, advanced=True,
+                                tooltip="Regexes (one per line or comma-separated) fullmatched on Musubi module paths, "
+                                "added to the architecture's default excludes, e.g. .*cross_attn.*"),
+            ],
+            outputs=[
+                ADAPTER.Output(display_name="adapter", tooltip="The trained adapter: save it with Save LyCORIS, or "
+                               "try it with Apply LyCORIS."),
+                io.Image.Output(display_name="loss", tooltip="The loss per step (log scale)."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, latents, positive, algorithm, rank, alpha, factor, steps, learning_rate, optimizer,
+                batch_size, seed, warmup_steps, gradient_checkpointing, architecture, rank_dropout, module_dropout,
+                include, exclude) -> io.NodeOutput:
+        # is_input_list: every input arrives as a list; latents and positive are the data, the rest one value each.
+        (model, algorithm, rank, alpha, factor, steps, learning_rate, optimizer, batch_size, seed, warmup_steps,
+         gradient_checkpointing, architecture, rank_dropout, module_dropout, include, exclude) = (
+            v[0] for v in (model, algorithm, rank, alpha, factor, steps, learning_rate, optimizer, batch_size, seed,
+                           warmup_steps, gradient_checkpointing, architecture, rank_dropout, module_dropout, include,
+                           exclude))
+        if architecture == "auto":
+            architecture = detect_model_architecture(model.model_state_dict().keys())
+            if architecture is None:
+                raise AdapterError("cannot tell this model's architecture from its weight names; choose one of "
+                                   + ", ".join(ARCHITECTURES[1:]))
+        config = TrainingConfig(
+            algorithm=algorithm, rank=rank, alpha=alpha, factor=factor, rank_dropout=rank_dropout,
+            module_dropout=module_dropout, architecture=architecture, include=split_patterns(include),
+            exclude=split_patterns(exclude), optimizer=optimizer, learning_rate=learning_rate,
+            warmup_steps=warmup_steps, max_steps=steps, gradient_checkpointing=gradient_checkpointing, seed=seed,
+        ).validate()
+        bar = comfy.utils.ProgressBar(config.max_steps)
+
+        def progress(p) -> None:
+            bar.update_absolute(p.step, p.total)
+            show_text(cls, f"step {p.step}/{p.total}  loss {p.loss:.4g}")
+
+        start = time.perf_counter()
+        with torch.inference_mode(False), torch.enable_grad():
+            samples, captions, caption_of = training_data(latents, positive)
+            trained, result = run_training(model, samples, captions, caption_of, config, batch_size, progress,
+                                           comfy.model_management.processing_interrupted)
+        if result.cancelled:  # ComfyUI's Cancel: stop the prompt, as every node does on an interrupt
+            comfy.model_management.interrupt_current_processing(False)
+            raise comfy.model_management.InterruptProcessingException()
+        losses = trained.losses
+        summary = (f"trained {trained.steps} steps in {time.perf_counter() - start:.1f} s on "
+                   f"{describe_architecture(config.architecture)}: {trained.adapters.summary()}; "
+                   f"loss {_mean(losses[:10]):.4g} (first 10 steps) -> {_mean(losses[-10:]):.4g} (last 10)")
+        show_text(cls, summary)
+        image = loss_image(trained.losses)
+        return io.NodeOutput(trained, image, ui=ui.PreviewImage(image, cls=cls))
+
+
+def _mean(values) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+# ---------------------------------------------------------------------------------------------
+# LycorisSave
+
+FORMATS = ["musubi", "diffusers"]
+
+
+def save_adapter(trained: TrainedAdapter, path: str, file_format: str, prefix: str, save_dtype: str) -> str:
+    """Write `trained` at `path` (never replacing a file) as Musubi writes it, or as the converter's
+    Diffusers layout of that Musubi file. Returns a one-line description."""
+    dtype = SAVE_DTYPES[save_dtype]
+    if file_format == "musubi":
+        save_musubi(path, trained.adapters, steps=trained.steps, dtype=dtype)
+        return f"Musubi layout, {save_dtype}"
+    title = os.path.splitext(os.path.basename(path))[0]
+    with tempfile.TemporaryDirectory() as folder:  # the Musubi file the Diffusers copy is converted from
+        musubi = os.path.join(folder, f"{title}.safetensors")
+        save_musubi(musubi, trained.adapters, steps=trained.steps, dtype=dtype)
+        convert_file(musubi, path, "diffusers", prefix=prefix, arch=trained.config.architecture)
+    return f"Diffusers layout ({prefix}.), {save_dtype}"
+
+
+class LycorisSave(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LycorisSave",
+            display_name="Save LyCORIS",
+            category=CATEGORY,
+            description="Saves a trained adapter into output/loras (listed by the LoRA loaders) as Musubi Tuner writes "
+            "it (keys, alphas, ss_* metadata), or in the Diffusers layout. Never replaces a file.",
+            inputs=[
+                ADAPTER.Input("adapter", tooltip="The adapter from Train LyCORIS."),
+                io.String.Input("filename_prefix", default="lycoris/ComfyUI_lycoris",
+                                tooltip="File name inside output/loras (subfolders allowed); a counter is appended: "
+                                "<prefix>_00001_.safetensors."),
+                io.Combo.Input("format", options=FORMATS, default="musubi",
+                               tooltip="musubi: lora_unet_ keys, what Musubi Tuner and this pack's loaders read. "
+                               "diffusers: <prefix>.<module path> keys (Musubi's convert_lora.py --target other)."),
+                io.Combo.Input("prefix", options=list(DIFFUSERS_PREFIXES), default=DIFFUSERS_PREFIXES[0],
+                               tooltip="Key prefix of the diffusers format (ignored for musubi)."),
+                io.Combo.Input("save_dtype", options=list(SAVE_DTYPES), default="float32",
+                               tooltip="dtype of every tensor in the file (Musubi --save_precision)."),
+            ],
+            outputs=[io.String.Output(display_name="path", tooltip="The file written (absolute path).")],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, adapter, filename_prefix="lycoris/ComfyUI_lycoris", format="musubi",
+                prefix=DIFFUSERS_PREFIXES[0], save_dtype="float32") -> io.NodeOutput:
+        path = numbered_output(filename_prefix)
+        what = save_adapter(adapter, path, format, prefix, save_dtype)
+        modules = len(adapter.adapters.adapters)
+        text = f"saved {listed_name(path)} in output/loras: {what}, {modules} modules, {adapter.steps} steps"
+        show_text(cls, text)
+        return io.NodeOutput(path, ui=ui.PreviewText(text))
+
+
+# ---------------------------------------------------------------------------------------------
+# LycorisApply
+
+
+class LycorisApply(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LycorisApply",
+            display_name="Apply LyCORIS (trained)",
+            category=CATEGORY,
+            description="Applies a trained adapter to a model without saving it, exactly as loading the saved file "
+            "would, to preview it.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to apply the adapter to (the one it was "
+                               "trained on)."),
+                ADAPTER.Input("adapter", tooltip="The adapter from Train LyCORIS."),
+                io.Float.Input("strength", default=1.0, min=-100.0, max=100.0, step=0.01,
+                               tooltip="How strongly to apply the adapter: W + strength·scale·ΔW. Negative values "
+                               "subtract it."),
+                io.Combo.Input("mode", options=["patch", "bypass"], default="patch",
+                               tooltip="patch: merge into the weights when ComfyUI loads the model. bypass: add the "
+                               "adapter in each layer's forward pass, weights untouched."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The model with the adapter applied."),
+                io.String.Output(display_name="report", tooltip="What was applied."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, adapter, strength=1.0, mode="patch") -> io.NodeOutput:
+        snapshot = adapter.adapters.to_adapter_file(name=f"trained adapter ({adapter.steps} steps)")
+        plan = make_plan(snapshot, weight_shapes(model.model_state_dict()), adapter.config.architecture or "auto")
+        if strength != 0:
+            add = add_bypass_hooks if mode == "bypass" else add_weight_patches
+            model = add(model, plan, load_tensors(plan), strength)
+        notes = [] if strength != 0 else ["strength 0: the adapter was checked against the model, nothing was applied"]
+        report = load_report(plan, strength, mode, notes=notes)
+        show_text(cls, report)
+        return io.NodeOutput(model, report, ui=ui.PreviewText(report))
