@@ -20,7 +20,6 @@ import torch
 
 from . import dora
 from .algorithms import ALGORITHMS, SUFFIX_INDEX, Algorithm, ShapeError
-from .algorithms.base import apply_by_rows
 from .architectures import detect_file_architecture, refine_format
 from .errors import AdapterError
 from .safetensors_io import PICKLE_SUFFIXES, SafetensorsReader, TensorEntry, dtype_name, load_pickle_tensors
@@ -119,10 +118,7 @@ class ModuleAdapter:
             target = weight.view(stop - start, *self.shape[1:])
         whole = (start, stop) == (0, self.shape[0])
         if not self.has_dora:
-            if whole:
-                self.algorithm.apply_(target, t, strength * self.scale)
-            else:
-                apply_by_rows(target, strength * self.scale, stop - start, lambda a, b: self.algorithm.delta_rows(t, start + a, start + b))
+            self.algorithm.apply_(target, t, strength * self.scale, start, stop)
             return
         dora_scale = t["dora_scale"]
         if dora.on_output_axis(dora_scale, self.shape):
@@ -130,7 +126,7 @@ class ModuleAdapter:
         elif not whole:
             raise AdapterError(f"module {self.stem}: DoRA with per-input-column magnitude needs the whole weight at once")
         work = target if target.dtype == torch.float32 else target.float()
-        apply_by_rows(work, self.scale, stop - start, lambda a, b: self.algorithm.delta_rows(t, start + a, start + b))
+        self.algorithm.apply_(work, t, self.scale, start, stop)
         work.mul_(dora.rescale_factor(work, dora_scale, strength))
         if work is not target:
             target.copy_(work)
@@ -148,7 +144,7 @@ class ModuleAdapter:
         self._check_target(tuple(weight.shape))
         t = self.tensors(device=weight.device)
         adapted = weight.detach().float().reshape(self.shape).clone()
-        self.algorithm.apply_(adapted, t, self.scale)
+        self.algorithm.apply_(adapted, t, self.scale, 0, self.shape[0])
         return dora.rescale_factor(adapted, t["dora_scale"], strength)
 
     def bypass_forward(

@@ -26,7 +26,7 @@ MERGE_METADATA_KEY = "comfyui_lycoris.merge"
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 SCALE_SUFFIXES = ("scale_weight", "weight_scale")  # ComfyUI's legacy scaled fp8, and the current format
-BLOCK_ELEMENTS = 1 << 24  # rows worked on at once: 64 MB of fp32
+BLOCK_ELEMENTS = 1 << 23  # rows worked on at once: 32 MB of fp32
 
 
 @dataclass
@@ -90,7 +90,9 @@ def _merge_tensor(
         p.module.has_dora and not dora.on_output_axis(p.module.load(p.module.params["dora_scale"].name), p.module.shape)
         for p, _ in patches
     )
-    step = rows if needs_whole else max(1, BLOCK_ELEMENTS // max(1, weight[0].numel()))
+    # The fp32 copy of a block is extra memory: keep it within half the tensor's own size.
+    block_elements = min(BLOCK_ELEMENTS, max(1 << 20, weight.numel() * weight.element_size() // 8))
+    step = rows if needs_whole else max(1, block_elements // max(1, weight[0].numel()))
     tensors = {id(p): p.module.tensors() for p, _ in patches}
     quantized = weight.dtype in FP8_DTYPES
     clipped = 0
@@ -113,6 +115,7 @@ def _merge_tensor(
                 clipped += int((block.abs() > limit).sum())
                 block.clamp_(-limit, limit)
             view.copy_(block)
+        del block  # before the next block is made: one fp32 block at a time
     return weight, clipped
 
 
@@ -183,6 +186,7 @@ def merge(
                     tensor = _merge_bias(tensor, bias_targets[entry.name])
                     result.tensors_changed += 1
                 writer.write(entry.name, tensor)
+                del tensor  # before the next read: one tensor of BASE in memory at a time
                 bar.update(entry.nbytes)
     finally:
         bar.close()

@@ -175,19 +175,36 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
 
 
 class SafetensorsReader:
-    """Validated, lazy access to one safetensors file: header first, then tensors on demand."""
+    """Validated, lazy access to one safetensors file: header first, then tensors on demand.
+
+    Tensors come from `safe_open`, which maps the file: every page read stays resident (and counted
+    as the process's memory) while its mapping lives, and a tensor written in place turns its pages
+    into private copies. So the mapping is renewed once `REMAP_BYTES` have been read through it,
+    and a big tensor gets a mapping of its own that dies with it: a file streamed tensor by tensor
+    costs about one tensor of memory, not the file.
+    """
+
+    REMAP_BYTES = 64 << 20
 
     def __init__(self, path: str | os.PathLike):
         self.header = read_header(path)
         self.path = self.header.path
         self._handle = None
+        self._mapped = 0  # bytes read through the current handle
+
+    def _open(self):
+        try:
+            return safe_open(self.path, framework="pt", device="cpu")
+        except Exception as e:  # the header passed our checks; anything left is still the file's fault
+            raise AdapterError(f"{self.path}: cannot open safetensors file ({e})") from None
 
     def get(self, name: str) -> torch.Tensor:
-        if self._handle is None:
-            try:
-                self._handle = safe_open(self.path, framework="pt", device="cpu")
-            except Exception as e:  # the header passed our checks; anything left is still the file's fault
-                raise AdapterError(f"{self.path}: cannot open safetensors file ({e})") from None
+        size = self.header.tensors[name].nbytes
+        if size >= self.REMAP_BYTES:
+            return self._open().get_tensor(name)
+        if self._handle is None or self._mapped + size > self.REMAP_BYTES:
+            self._handle, self._mapped = self._open(), 0
+        self._mapped += size
         return self._handle.get_tensor(name)
 
     def close(self) -> None:

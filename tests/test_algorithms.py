@@ -174,3 +174,26 @@ def test_apply_rejects_wrong_target_shape(write_safetensors):
     module = module_from(lokr_full(), write_safetensors)
     with pytest.raises(ValueError, match=r"produces shape \[48, 40\].*\[40, 48\]"):
         module.apply_(torch.zeros(IN, OUT))
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [(0, OUT), (3, 17), (8, 40), (16, 24), (5, 6), (41, 48)])
+def test_apply_to_a_row_range(kind, dtype, rows, write_safetensors, monkeypatch):
+    """Row blocks (as merge works) give the rows of the whole-weight result: aligned LoKr groups through
+    the strided view, partial groups and other algorithms through row-block deltas."""
+    from comfyui_lycoris.lycoris_core.algorithms import lokr
+
+    monkeypatch.setattr(lokr, "STAGE_ELEMENTS", 8 * IN)  # several fp32 stages per half-precision block
+    module = module_from(BUILDERS[kind](), write_safetensors)
+    start, stop = rows
+    weight = torch.randn(OUT, IN).to(dtype)
+    exact = weight.double() + 0.7 * module.delta_weight(torch.float64)
+    block = weight[start:stop].clone()
+    module.apply_(block, 0.7, rows=(start, stop))
+    want = exact[start:stop]
+    if dtype == torch.float32:
+        assert rel_err(block, want) < 1e-6
+    else:
+        ulp = torch.finfo(dtype).eps * want.abs().clamp_min(torch.finfo(dtype).tiny)
+        assert ((block.double() - want.to(dtype).double()).abs() <= ulp * 1.01).all()

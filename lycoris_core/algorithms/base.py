@@ -40,8 +40,9 @@ class Algorithm:
     delta_weight: Callable[[Tensors], torch.Tensor]
     # Rows [start, stop) of ΔW (unscaled, fp32): for row-blocked work with bounded temporaries.
     delta_rows: Callable[[Tensors, int, int], torch.Tensor]
-    # weight += factor * ΔW in place, without a full-size temporary where the algebra allows.
-    apply_: Callable[[torch.Tensor, Tensors, float], None]
+    # target += factor * ΔW[start:stop] in place (target holds those rows; stop None = all rows),
+    # fp32 math with one rounding, without a full-size temporary where the algebra allows.
+    apply_: Callable[[torch.Tensor, Tensors, float, int, int | None], None]
     # ΔW applied to x (last dim = in features) without building ΔW where cheaper; Linear only.
     bypass_delta: Callable[[torch.Tensor, Tensors], torch.Tensor]
     # The canonical names required for the module to be complete, as alternatives per slot.
@@ -80,11 +81,12 @@ def rows_per_chunk(row_elements: int) -> int:
 
 
 def apply_by_rows(
-    weight: torch.Tensor, factor: float, rows: int, delta_rows: Callable[[int, int], torch.Tensor]
+    target: torch.Tensor, factor: float, start: int, stop: int, delta_rows: Callable[[int, int], torch.Tensor]
 ) -> None:
-    """weight += factor * ΔW, one block of output rows at a time (fp32 math, one cast per block)."""
-    flat = weight.view(weight.shape[0], -1)
+    """target (= rows start..stop of W) += factor * ΔW[start:stop], one block of rows at a time
+    (fp32 math, one cast per block)."""
+    flat = target.view(stop - start, -1)
     step = rows_per_chunk(flat.shape[1])
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        flat[start:stop].add_(delta_rows(start, stop).reshape(stop - start, -1), alpha=factor)
+    for first in range(start, stop, step):
+        last = min(stop, first + step)
+        flat[first - start : last - start].add_(delta_rows(first, last).reshape(last - first, -1), alpha=factor)

@@ -29,8 +29,8 @@ def delta_bias(t: Tensors) -> torch.Tensor | None:
     return t.get("diff_b")
 
 
-def apply_(weight: torch.Tensor, t: Tensors, factor: float) -> None:
-    weight.add_(t["diff"].reshape(weight.shape), alpha=factor)
+def apply_(weight: torch.Tensor, t: Tensors, factor: float, start: int = 0, stop: int | None = None) -> None:
+    weight.add_(t["diff"][start:stop].reshape(weight.shape), alpha=factor)
 
 
 def bypass_delta(x: torch.Tensor, t: Tensors) -> torch.Tensor:

@@ -56,8 +56,9 @@ def delta_weight(t: Tensors) -> torch.Tensor:
     return delta_rows(t, 0, shape[0]).reshape(shape)
 
 
-def apply_(weight: torch.Tensor, t: Tensors, factor: float) -> None:
-    apply_by_rows(weight, factor, weight.shape[0], lambda a, b: delta_rows(t, a, b))
+def apply_(weight: torch.Tensor, t: Tensors, factor: float, start: int = 0, stop: int | None = None) -> None:
+    stop = weight.shape[0] + start if stop is None else stop
+    apply_by_rows(weight, factor, start, stop, lambda a, b: delta_rows(t, a, b))
 
 
 def bypass_delta(x: torch.Tensor, t: Tensors) -> torch.Tensor:

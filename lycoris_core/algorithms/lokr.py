@@ -14,6 +14,9 @@ import torch
 
 from .base import Algorithm, ShapeError, Shapes, Tensors, apply_by_rows, check_matmul, require
 
+# fp32 elements staged at once when patching a half-precision weight (4 MB, cache-sized).
+STAGE_ELEMENTS = 1 << 20
+
 SUFFIXES = {
     name: name
     for name in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -86,15 +89,41 @@ def delta_rows(t: Tensors, start: int, stop: int) -> torch.Tensor:
     return _kron(w1[first:last], w2)[start - first * b : stop - first * b]
 
 
-def apply_(weight: torch.Tensor, t: Tensors, factor: float) -> None:
+def _strided_(rows: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, factor: float, p0: int, p1: int) -> None:
+    """rows (= W[p0·b : p1·b], contiguous) += factor · kron(w1[p0:p1], w2), as
+    W[p·b+q, r·d+s, k] += factor · w1[p,r] · w2[q,s,k] broadcast over a strided view: one kernel,
+    no temporary."""
+    (_, c), (b, d) = w1.shape, w2.shape[:2]
+    view = rows.view(p1 - p0, b, c, d, -1)
+    view.addcmul_(w1[p0:p1].view(p1 - p0, 1, c, 1, 1), w2.reshape(1, b, 1, d, -1), value=factor)
+
+
+def apply_(weight: torch.Tensor, t: Tensors, factor: float, start: int = 0, stop: int | None = None) -> None:
     w1, w2 = factors(t)
-    (a, c), (b, d) = w1.shape, w2.shape[:2]
-    if weight.is_contiguous():
-        # W[p·b+q, r·d+s, k] += factor · w1[p,r] · w2[q,s,k], broadcast in one kernel, no temporary.
-        view = weight.view(a, b, c, d, -1)
-        view.addcmul_(w1.view(a, 1, c, 1, 1), w2.reshape(1, b, 1, d, -1), value=factor)
+    b = w2.shape[0]
+    stop = w1.shape[0] * b if stop is None else stop
+    full = {"lokr_w1": w1, "lokr_w2": w2}
+    first, last = -(-start // b), stop // b  # the whole groups of b rows (one row of w1 each)
+    if not weight.is_contiguous() or first >= last:
+        apply_by_rows(weight, factor, start, stop, lambda a, z: delta_rows(full, a, z))
         return
-    apply_by_rows(weight, factor, weight.shape[0], lambda start, stop: delta_rows({"lokr_w1": w1, "lokr_w2": w2}, start, stop))
+    if start < first * b:  # a partial group at the top
+        apply_by_rows(weight[: first * b - start], factor, start, first * b, lambda a, z: delta_rows(full, a, z))
+    if last * b < stop:  # and at the bottom
+        apply_by_rows(weight[last * b - start :], factor, last * b, stop, lambda a, z: delta_rows(full, a, z))
+    middle = weight[first * b - start : last * b - start]
+    if middle.dtype in (torch.float32, torch.float64):
+        _strided_(middle, w1, w2, factor, first, last)
+        return
+    # Half precision: an in-place op with fp32 operands makes torch allocate full-size fp32 copies
+    # (and runs slowly), so stage a few groups at a time in fp32: one cast each way.
+    step = max(1, STAGE_ELEMENTS // (b * middle[0].numel()))
+    for p0 in range(first, last, step):
+        p1 = min(last, p0 + step)
+        rows = middle[(p0 - first) * b : (p1 - first) * b]
+        work = rows.float()
+        _strided_(work, w1, w2, factor, p0, p1)
+        rows.copy_(work)
 
 
 def bypass_delta(x: torch.Tensor, t: Tensors) -> torch.Tensor:

@@ -54,12 +54,13 @@ def delta_weight(t: Tensors) -> torch.Tensor:
     return delta_rows(t, 0, shape[0]).reshape(shape)
 
 
-def apply_(weight: torch.Tensor, t: Tensors, factor: float) -> None:
+def apply_(weight: torch.Tensor, t: Tensors, factor: float, start: int = 0, stop: int | None = None) -> None:
+    stop = t["up"].shape[0] if stop is None else stop
     if weight.dtype == torch.float32 and "mid" not in t:
         # One fused kernel, no temporary the size of W.
-        weight.view(weight.shape[0], -1).addmm_(_flat(t["up"]), _flat(t["down"]), alpha=factor)
+        weight.view(stop - start, -1).addmm_(_flat(t["up"])[start:stop], _flat(t["down"]), alpha=factor)
         return
-    apply_by_rows(weight, factor, weight.shape[0], lambda a, b: delta_rows(t, a, b))
+    apply_by_rows(weight, factor, start, stop, lambda a, b: delta_rows(t, a, b))
 
 
 def bypass_delta(x: torch.Tensor, t: Tensors) -> torch.Tensor:
