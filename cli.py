@@ -51,6 +51,18 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .benchmarks import suite
+
+    groups = args.only.split(",") if args.only else suite.GROUPS
+    unknown = [g for g in groups if g not in suite.GROUPS]
+    if unknown:
+        raise AdapterError(f"unknown benchmark group {unknown[0]!r} (choose from {', '.join(suite.GROUPS)})")
+    report = suite.run(suite.QUICK if args.quick else suite.FULL, groups, args.device, args.json)
+    print(suite.markdown(report))
+    return 1 if any(case["status"] == "error" for case in report["cases"]) else 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -124,6 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", help="architecture id (default: detect from the file)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(run=_cmd_convert)
+
+    p = commands.add_parser("bench", help="benchmark patching, bypass, training and file work against baselines")
+    p.add_argument("--quick", action="store_true", help="small sizes, under 2 minutes on 2 CPU cores")
+    p.add_argument(
+        "--json", metavar="FILE", help="also write the results as JSON (schema: pydoc comfyui_lycoris.benchmarks)"
+    )
+    p.add_argument(
+        "--only", metavar="GROUP[,GROUP]", help="run only these of: apply, bypass, training, model_patch, files"
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: a GPU when present, full run only)")
+    p.set_defaults(run=_cmd_bench)
 
     p = commands.add_parser("demo", help="train a LoKr and a LoHa on a built-in model, save, convert, merge, verify")
     p.add_argument("--out", default="comfyui-lycoris-demo", help="output folder (default ./comfyui-lycoris-demo); "

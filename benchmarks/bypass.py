@@ -1,0 +1,97 @@
+"""Case 2: bypass (the weight untouched, the adapter added to the layer's output) at inference.
+
+Contenders per shape, all timed in one interleaved group: the bare Linear `F.linear(x, W)`, ours
+`ModuleAdapter.bypass_forward` for LoKr (low-rank and full w2) and LoHa (rank 16 and 32), and for
+LoHa the form that builds ΔW on every call (what ComfyUI's LoHa bypass does): `F.linear(x, W) +
+F.linear(x, s·ΔW)`. Overhead = ours / bare − 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import synthetic
+from .harness import Result, interleaved, synchronizer
+
+STRENGTH = 0.8
+WAN_SHAPES = ("wan14b_attn_5120x5120", "wan14b_ffn_13824x5120")  # where the LoKr overhead target applies
+VARIANTS = (  # (label, algorithm, kind, rank)
+    ("lokr_lowrank r16", "lokr", "lowrank", 16),
+    ("lokr_full", "lokr", "full", 16),
+    ("loha r16", "loha", None, 16),
+    ("loha r32", "loha", None, 32),
+)
+
+
+def _module(algorithm: str, kind: str | None, rank: int, shape, device, dtype):
+    generator = torch.Generator().manual_seed(0)
+    if algorithm == "loha":
+        tensors = synthetic.loha_tensors(shape, rank, generator)
+    else:
+        tensors = synthetic.lokr_tensors(shape, rank, kind == "full", generator)
+    tensors = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
+    return synthetic.module(algorithm, tensors, rank / 2), tensors
+
+
+def run(shapes: dict[str, tuple[int, int]], tokens: int, runs: int, device: torch.device, dtype: torch.dtype,
+        log) -> list[Result]:
+    results = []
+    sync = synchronizer(device)
+    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    for shape_name, shape in shapes.items():
+        log(f"bypass {shape_name} tokens {tokens}")
+        weight = synthetic.fill(shape, dtype, device)
+        x = torch.randn(tokens, shape[1], device=device, dtype=dtype)
+
+        def base(v):
+            return F.linear(v, weight)
+
+        fns = {"bare": lambda: base(x)}
+        for label, algorithm, kind, rank in VARIANTS:
+            mod, t = _module(algorithm, kind, rank, shape, device, dtype)
+            fns[label] = lambda mod=mod, t=t: mod.bypass_forward(x, base, STRENGTH, tensors=t)
+            if algorithm == "loha":
+                fns[label + " build ΔW"] = lambda mod=mod, t=t: base(x) + F.linear(
+                    x, mod.delta_weight(dtype, t).mul_(STRENGTH))
+        with torch.no_grad():
+            # warm-up, and a check that ours equals W·x + s·ΔW·x
+            reference_base = base(x).float()
+            notes = {}
+            for label, algorithm, kind, rank in VARIANTS:
+                mod, t = _module(algorithm, kind, rank, shape, device, dtype)
+                delta = mod.delta_weight(torch.float32, {k: v.float() for k, v in t.items()})
+                expected = reference_base + F.linear(x.float(), delta) * STRENGTH
+                got = fns[label]().float()
+                err = ((got - expected).abs().max() / expected.abs().max()).item()
+                if err > (1e-3 if dtype == torch.float32 else 5e-2):
+                    notes[label] = f"differs from W·x + s·ΔW·x by {err:.2g} (relative); "
+                del expected, got, delta
+            del reference_base
+            for name, fn in fns.items():
+                if "build" in name:
+                    fn()
+            timings = interleaved(fns, runs, sync)
+        bare = timings["bare"]
+        params_common = {"out": shape[0], "in": shape[1], "tokens": tokens, "dtype": dtype_name, "strength": STRENGTH}
+        for label, algorithm, kind, rank in VARIANTS:
+            params = dict(params_common, algorithm=algorithm, rank=rank, kind=kind or "lowrank")
+            ours = timings[label]
+            r = Result("bypass", f"bypass {label} {shape_name} vs bare Linear", params, "ModuleAdapter.bypass_forward",
+                       "bare F.linear(x, W)", seconds=ours.median, baseline_seconds=bare.median, runs=ours.runs,
+                       note=notes.get(label, "")).finish()
+            r.note += f"overhead {100 * (r.ratio - 1):.1f}%; "
+            if algorithm == "lokr" and shape_name in WAN_SHAPES:
+                r.target, r.met = "overhead < 15% (ratio < 1.15)", r.ratio < 1.15
+            results.append(r)
+            if algorithm == "loha":
+                built = timings[label + " build ΔW"]
+                r = Result("bypass", f"bypass {label} {shape_name} vs building ΔW", params,
+                           "ModuleAdapter.bypass_forward", "F.linear(x, W) + F.linear(x, s·ΔW) (ΔW built per call)",
+                           seconds=ours.median, baseline_seconds=built.median, runs=ours.runs,
+                           note=notes.get(label, "")).finish()
+                if rank <= 32:
+                    r.target, r.met = "faster than building ΔW (ratio < 1.0)", r.ratio < 1.0
+                results.append(r)
+        del weight, x, fns
+    return results
