@@ -3,8 +3,9 @@
 OUT keeps BASE's keys, order, dtypes and metadata, plus a record of the merge under
 `comfyui_lycoris.merge`. Every adapter is planned against BASE's names and shapes before anything is
 written, so a wrong or broken adapter costs nothing. Each patched tensor is worked on in blocks of
-rows: dequantized to fp32 (fp8 with its per-tensor scale), every adapter applied, then cast (or
-requantized) once, so peak memory stays near one tensor of BASE plus the adapters.
+rows: dequantized to fp32 (fp8 with its per-tensor scale), every adapter applied, cast (or
+requantized) once and written out, so memory stays near one tensor of BASE (mapped from the file)
+plus a block and the adapters.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -26,7 +27,7 @@ MERGE_METADATA_KEY = "comfyui_lycoris.merge"
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 SCALE_SUFFIXES = ("scale_weight", "weight_scale")  # ComfyUI's legacy scaled fp8, and the current format
-BLOCK_ELEMENTS = 1 << 23  # rows worked on at once: 32 MB of fp32
+BLOCK_ELEMENTS = 1 << 22  # rows worked on at once: 16 MB of fp32
 
 
 @dataclass
@@ -82,24 +83,29 @@ def _check_mergeable(key: str, entry: TensorEntry, path: str) -> None:
 
 
 def _merge_tensor(
-    weight: torch.Tensor, patches: list[tuple[Patch, float]], scale: torch.Tensor | None
-) -> tuple[torch.Tensor, int]:
-    """Apply every patch to `weight` in place, block by block of rows; returns (weight, clipped count)."""
+    weight: torch.Tensor,
+    patches: list[tuple[Patch, float]],
+    scale: torch.Tensor | None,
+    emit: Callable[[torch.Tensor], None],
+) -> int:
+    """Apply every patch to `weight` block by block of rows, handing each finished block (in the
+    weight's dtype) to `emit`; returns how many fp8 values had to be clipped.
+
+    `weight` itself is never written: it is usually mapped from BASE, and writing into it would turn
+    every page into a private copy.
+    """
     rows = weight.shape[0]
     needs_whole = any(
         p.module.has_dora and not dora.on_output_axis(p.module.load(p.module.params["dora_scale"].name), p.module.shape)
         for p, _ in patches
     )
-    # The fp32 copy of a block is extra memory: keep it within half the tensor's own size.
-    block_elements = min(BLOCK_ELEMENTS, max(1 << 20, weight.numel() * weight.element_size() // 8))
-    step = rows if needs_whole else max(1, block_elements // max(1, weight[0].numel()))
+    step = rows if needs_whole else max(1, BLOCK_ELEMENTS // max(1, weight[0].numel()))
     tensors = {id(p): p.module.tensors() for p, _ in patches}
     quantized = weight.dtype in FP8_DTYPES
     clipped = 0
     for start in range(0, rows, step):
         stop = min(rows, start + step)
-        view = weight[start:stop]
-        block = view if view.dtype in (torch.float32, torch.float64) else view.float()
+        block = weight[start:stop].to(torch.float64 if weight.dtype == torch.float64 else torch.float32, copy=True)
         if quantized and scale is not None:
             block.mul_(scale)
         for patch, strength in patches:
@@ -107,16 +113,15 @@ def _merge_tensor(
             lo, hi = max(start, offset), min(stop, offset + size)
             if lo < hi:
                 patch.module.apply_(block[lo - start : hi - start], strength, tensors[id(patch)], rows=(lo - offset, hi - offset))
-        if block is not view:
-            if quantized:
-                if scale is not None:
-                    block.div_(scale)
-                limit = torch.finfo(weight.dtype).max
-                clipped += int((block.abs() > limit).sum())
-                block.clamp_(-limit, limit)
-            view.copy_(block)
+        if quantized:
+            if scale is not None:
+                block.div_(scale)
+            limit = torch.finfo(weight.dtype).max
+            clipped += int((block.abs() > limit).sum())
+            block.clamp_(-limit, limit)
+        emit(block.to(weight.dtype))
         del block  # before the next block is made: one fp32 block at a time
-    return weight, clipped
+    return clipped
 
 
 def merge(
@@ -178,14 +183,18 @@ def merge(
             for entry in layout:
                 tensor = reader.get(entry.name)
                 if entry.name in targets:
-                    tensor, clipped = _merge_tensor(tensor, targets[entry.name], _quant_scale(entry.name, entries, reader))
+                    clipped = _merge_tensor(
+                        tensor, targets[entry.name], _quant_scale(entry.name, entries, reader),
+                        emit=lambda rows, name=entry.name: writer.write_rows(name, rows),
+                    )
                     result.tensors_changed += 1
                     if clipped:
                         result.saturated[entry.name] = clipped
-                if entry.name in bias_targets:
-                    tensor = _merge_bias(tensor, bias_targets[entry.name])
+                elif entry.name in bias_targets:
+                    writer.write(entry.name, _merge_bias(tensor, bias_targets[entry.name]))
                     result.tensors_changed += 1
-                writer.write(entry.name, tensor)
+                else:
+                    writer.write(entry.name, tensor)
                 del tensor  # before the next read: one tensor of BASE in memory at a time
                 bar.update(entry.nbytes)
     finally:

@@ -334,7 +334,8 @@ class SafetensorsWriter:
         if len(set(names)) != len(names):
             raise AdapterError(f"{self.path}: duplicate tensor names in output layout")
         self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
-        self._next = 0
+        self._next = 0  # index in the layout of the tensor being written
+        self._written = 0  # bytes of it written so far
         self._file = None
         self._target = None
 
@@ -362,17 +363,42 @@ class SafetensorsWriter:
         return self
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """The next tensor of the layout, whole."""
+        entry = self._expect(name, tensor)
+        if tuple(tensor.shape) != entry.shape or self._written:
+            raise self._mismatch(name, tensor, entry)
+        self._put(tensor, entry)
+
+    def write_rows(self, name: str, rows: torch.Tensor) -> None:
+        """The next block of rows (dim 0) of the current tensor: a tensor can be written in parts,
+        in order, so it never has to exist whole in memory."""
+        entry = self._expect(name, rows)
+        if not entry.shape or tuple(rows.shape[1:]) != entry.shape[1:]:
+            raise self._mismatch(name, rows, entry)
+        self._put(rows, entry)
+
+    def _expect(self, name: str, tensor: torch.Tensor) -> TensorEntry:
         if self._next >= len(self.layout):
             raise AdapterError(f"{self.path}: unexpected extra tensor {name!r}")
         entry = self.layout[self._next]
-        if name != entry.name or tensor.dtype != entry.dtype or tuple(tensor.shape) != entry.shape:
-            raise AdapterError(
-                f"{self.path}: tensor {name!r} ({tensor.dtype}, {list(tensor.shape)}) does not match the "
-                f"planned {entry.name!r} ({entry.dtype}, {list(entry.shape)})"
-            )
+        if name != entry.name or tensor.dtype != entry.dtype:
+            raise self._mismatch(name, tensor, entry)
+        return entry
+
+    def _mismatch(self, name: str, tensor: torch.Tensor, entry: TensorEntry) -> AdapterError:
+        return AdapterError(
+            f"{self.path}: tensor {name!r} ({tensor.dtype}, {list(tensor.shape)}) does not match the "
+            f"planned {entry.name!r} ({entry.dtype}, {list(entry.shape)})"
+        )
+
+    def _put(self, tensor: torch.Tensor, entry: TensorEntry) -> None:
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        if self._written + data.numel() > entry.nbytes:
+            raise AdapterError(f"{self.path}: more data than planned for tensor {entry.name!r}")
         self._file.write(memoryview(data.numpy()))
-        self._next += 1
+        self._written += data.numel()
+        if self._written == entry.nbytes:
+            self._next, self._written = self._next + 1, 0
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._file.close()
@@ -381,7 +407,8 @@ class SafetensorsWriter:
             return False
         try:
             if self._next != len(self.layout):
-                raise AdapterError(f"{self.path}: tensor {self.layout[self._next].name!r} was never written")
+                how = "was only partly written" if self._written else "was never written"
+                raise AdapterError(f"{self.path}: tensor {self.layout[self._next].name!r} {how}")
             self._target.commit()
         except BaseException:
             self._target.abort()

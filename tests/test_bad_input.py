@@ -196,3 +196,31 @@ def test_outputs_get_the_usual_file_mode(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert os.stat(out).st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_writer_takes_a_tensor_in_row_blocks(tmp_path):
+    from safetensors.torch import load_file
+
+    big = torch.randn(10, 3).to(torch.bfloat16)
+    layout = [TensorEntry("big", torch.bfloat16, (10, 3)), TensorEntry("small", torch.float32, ())]
+    out = tmp_path / "rows.safetensors"
+    with SafetensorsWriter(out, layout) as writer:
+        writer.write_rows("big", big[:4])
+        writer.write_rows("big", big[4:9])
+        writer.write_rows("big", big[9:])
+        writer.write("small", torch.tensor(1.5))
+    back = load_file(str(out))
+    assert torch.equal(back["big"], big) and back["small"].item() == 1.5
+    for bad_parts, message in (
+        ([big[:4], big[:7]], "more data than planned"),
+        ([big[:4].float()], "does not match the planned"),
+        ([big[:4, :2]], "does not match the planned"),
+    ):
+        with pytest.raises(AdapterError, match=message):
+            with SafetensorsWriter(tmp_path / "bad.safetensors", layout) as writer:
+                for part in bad_parts:
+                    writer.write_rows("big", part)
+        assert not (tmp_path / "bad.safetensors").exists()
+    with pytest.raises(AdapterError, match="'big' was only partly written"):
+        with SafetensorsWriter(tmp_path / "short.safetensors", layout) as writer:
+            writer.write_rows("big", big[:4])
