@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .lycoris_core.errors import AdapterError
@@ -63,6 +64,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 1 if any(case["status"] == "error" for case in report["cases"]) else 0
 
 
+def _fresh_folder(name: str) -> str:
+    """`name`, or `name-2`, `name-3`, ... : the first that does not exist yet (so a rerun never collides)."""
+    candidate, n = name, 1
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{name}-{n}"
+    return candidate
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -85,7 +95,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         convert_file(source, output, to)
 
     try:
-        report = run_demo(args.out, args.steps, progress, convert=convert if convert_file else None)
+        report = run_demo(args.out or _fresh_folder("comfyui-lycoris-demo"), args.steps, progress,
+                          convert=convert if convert_file else None)
     finally:
         for bar in bars.values():
             bar.close()
@@ -149,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_bench)
 
     p = commands.add_parser("demo", help="train a LoKr and a LoHa on a built-in model, save, convert, merge, verify")
-    p.add_argument("--out", default="comfyui-lycoris-demo", help="output folder (default ./comfyui-lycoris-demo); "
+    p.add_argument("--out", help="output folder (default: a new ./comfyui-lycoris-demo[-N]); "
                    "existing outputs are never replaced")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per adapter (default 300)")
     p.set_defaults(run=_cmd_demo)

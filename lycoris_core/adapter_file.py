@@ -134,7 +134,7 @@ class ModuleAdapter:
     def bypass_delta(self, x: torch.Tensor, strength: float = 1.0, tensors: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """m·s·ΔW·x for a Linear target, without building ΔW where that is cheaper (DoRA not included)."""
         t = tensors if tensors is not None else self.tensors(device=x.device, dtype=x.dtype)
-        return self.algorithm.bypass_delta(x, t) * (strength * self.scale)
+        return self.algorithm.bypass_delta(x, t, strength * self.scale)
 
     def dora_rescale(self, weight: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
         """DoRA's multiplier of W + s·ΔW for this weight (one value per row or per column).

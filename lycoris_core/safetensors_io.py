@@ -185,6 +185,7 @@ class SafetensorsReader:
     """
 
     REMAP_BYTES = 64 << 20
+    FAULT_AROUND_BYTES = 1 << 20
 
     def __init__(self, path: str | os.PathLike):
         self.header = read_header(path)
@@ -202,9 +203,12 @@ class SafetensorsReader:
         size = self.header.tensors[name].nbytes
         if size >= self.REMAP_BYTES:
             return self._open().get_tensor(name)
-        if self._handle is None or self._mapped + size > self.REMAP_BYTES:
+        # A page fault maps the pages around it too (read-around), so even a 4-byte alpha costs
+        # about this much resident memory.
+        cost = max(size, self.FAULT_AROUND_BYTES)
+        if self._handle is None or self._mapped + cost > self.REMAP_BYTES:
             self._handle, self._mapped = self._open(), 0
-        self._mapped += size
+        self._mapped += cost
         return self._handle.get_tensor(name)
 
     def close(self) -> None:

@@ -69,3 +69,13 @@ def test_console_script_is_installed():
     assert exe, "the comfyui-lycoris console script is not on PATH"
     result = subprocess.run([exe, "inspect", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "--json" in result.stdout
+
+
+def test_demo_default_folder_never_collides(tmp_path, monkeypatch):
+    from comfyui_lycoris.cli import _fresh_folder
+
+    monkeypatch.chdir(tmp_path)
+    assert _fresh_folder("comfyui-lycoris-demo") == "comfyui-lycoris-demo"
+    (tmp_path / "comfyui-lycoris-demo").mkdir()
+    (tmp_path / "comfyui-lycoris-demo-2").mkdir()
+    assert _fresh_folder("comfyui-lycoris-demo") == "comfyui-lycoris-demo-3"

@@ -43,8 +43,9 @@ class Algorithm:
     # target += factor * ΔW[start:stop] in place (target holds those rows; stop None = all rows),
     # fp32 math with one rounding, without a full-size temporary where the algebra allows.
     apply_: Callable[[torch.Tensor, Tensors, float, int, int | None], None]
-    # ΔW applied to x (last dim = in features) without building ΔW where cheaper; Linear only.
-    bypass_delta: Callable[[torch.Tensor, Tensors], torch.Tensor]
+    # factor·ΔW applied to x (last dim = in features) without building ΔW where cheaper; Linear only.
+    # The factor goes onto the smallest operand, never as an extra pass over the output.
+    bypass_delta: Callable[[torch.Tensor, Tensors, float], torch.Tensor]
     # The canonical names required for the module to be complete, as alternatives per slot.
     required: tuple[tuple[str, ...], ...]
     # A bias difference, for algorithms that store one (only `diff`): its parameter and getter.

@@ -33,8 +33,9 @@ def apply_(weight: torch.Tensor, t: Tensors, factor: float, start: int = 0, stop
     weight.add_(t["diff"][start:stop].reshape(weight.shape), alpha=factor)
 
 
-def bypass_delta(x: torch.Tensor, t: Tensors) -> torch.Tensor:
-    return x @ t["diff"].reshape(t["diff"].shape[0], -1).T
+def bypass_delta(x: torch.Tensor, t: Tensors, factor: float = 1.0) -> torch.Tensor:
+    y = x @ t["diff"].reshape(t["diff"].shape[0], -1).T
+    return y if factor == 1.0 else y.mul_(factor)
 
 
 ALGORITHM = Algorithm(

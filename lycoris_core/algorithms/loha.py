@@ -61,7 +61,7 @@ def apply_(weight: torch.Tensor, t: Tensors, factor: float, start: int = 0, stop
     apply_by_rows(weight, factor, start, stop, lambda a, b: delta_rows(t, a, b))
 
 
-def bypass_delta(x: torch.Tensor, t: Tensors) -> torch.Tensor:
+def bypass_delta(x: torch.Tensor, t: Tensors, factor: float = 1.0) -> torch.Tensor:
     if "hada_t1" in t or t["hada_w1_b"].dim() != 2:
         raise ShapeError("bypass of a convolution LoHa is not supported; use patch mode")
     w1a, w1b, w2a, w2b = t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"]
@@ -72,10 +72,11 @@ def bypass_delta(x: torch.Tensor, t: Tensors) -> torch.Tensor:
     factored_cost = r1 * r2 * (tokens + 1) * (in_features + out_features)
     built_cost = (r1 + r2 + 1 + tokens) * out_features * in_features
     if factored_cost < built_cost:
-        u = (w1a[:, :, None] * w2a[:, None, :]).reshape(out_features, r1 * r2)
+        u = (w1a[:, :, None] * (w2a * factor)[:, None, :]).reshape(out_features, r1 * r2)
         v = (w1b[:, None, :] * w2b[None, :, :]).reshape(r1 * r2, in_features)
         return (x @ v.T) @ u.T
-    return x @ delta_rows(t, 0, out_features).T
+    delta = delta_rows(t, 0, out_features)
+    return x @ (delta if factor == 1.0 else delta.mul_(factor)).T
 
 
 ALGORITHM = Algorithm(

@@ -126,8 +126,10 @@ def apply_(weight: torch.Tensor, t: Tensors, factor: float, start: int = 0, stop
         rows.copy_(work)
 
 
-def bypass_delta(x: torch.Tensor, t: Tensors) -> torch.Tensor:
+def bypass_delta(x: torch.Tensor, t: Tensors, factor: float = 1.0) -> torch.Tensor:
     w1, w2 = factors(t)
+    if factor != 1.0:
+        w1 = w1 * factor
     if w2.dim() != 2:
         raise ShapeError("bypass of a convolution LoKr is not supported; use patch mode")
     (a, c), (b, d) = w1.shape, w2.shape

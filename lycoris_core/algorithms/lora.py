@@ -63,10 +63,11 @@ def apply_(weight: torch.Tensor, t: Tensors, factor: float, start: int = 0, stop
     apply_by_rows(weight, factor, start, stop, lambda a, b: delta_rows(t, a, b))
 
 
-def bypass_delta(x: torch.Tensor, t: Tensors) -> torch.Tensor:
+def bypass_delta(x: torch.Tensor, t: Tensors, factor: float = 1.0) -> torch.Tensor:
     if "mid" in t or t["down"].dim() != 2:
         raise ShapeError("bypass of a convolution LoRA is not supported; use patch mode")
-    return (x @ t["down"].T) @ _flat(t["up"]).T
+    down = t["down"] if factor == 1.0 else t["down"] * factor
+    return (x @ down.T) @ _flat(t["up"]).T
 
 
 ALGORITHM = Algorithm(
