@@ -14,6 +14,7 @@ import torch
 from ..lycoris_core.adapter_file import ModuleAdapter
 from ..lycoris_core.algorithms import ALGORITHMS
 from ..lycoris_core.safetensors_io import SafetensorsWriter, TensorEntry, save_tensors
+from ..lycoris_core.training.modules import factorization
 
 # name -> (out, in) of a Linear weight
 SHAPES = {
@@ -29,22 +30,6 @@ def wan_block_layers(dim: int = WAN14B_DIM, ffn: int = WAN14B_FFN) -> list[tuple
     """The adapted Linears of one Wan block (Musubi/ComfyUI names, without `blocks.N.`), with shapes."""
     attention = [(f"{kind}.{p}", (dim, dim)) for kind in ("self_attn", "cross_attn") for p in "qkvo"]
     return attention + [("ffn.0", (ffn, dim)), ("ffn.2", (dim, ffn))]
-
-
-def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
-    """Musubi's / LyCORIS's `factorization` (SPEC §2): (m, n) with m·n = dim, m ≤ n."""
-    if factor > 0 and dim % factor == 0:
-        return min(factor, dim // factor), max(factor, dim // factor)
-    cap = dim if factor < 0 else factor
-    m, n = 1, dim
-    while m < n:
-        candidate = m + 1
-        while dim % candidate:
-            candidate += 1
-        if candidate > cap or candidate + dim // candidate > m + n:
-            break
-        m, n = candidate, dim // candidate
-    return (m, n) if m <= n else (n, m)
 
 
 def lokr_tensors(shape: tuple[int, int], rank: int, full_w2: bool | None = None, generator=None) -> dict[str, torch.Tensor]:

@@ -15,7 +15,6 @@ import pytest
 
 from comfyui_lycoris.benchmarks import suite
 from comfyui_lycoris.benchmarks.harness import SCHEMA_NAME, SCHEMA_VERSION, STATUSES, markdown
-from comfyui_lycoris.benchmarks.synthetic import factorization
 from comfyui_lycoris.cli import build_parser
 
 TINY = suite.Profile(
@@ -116,16 +115,6 @@ def test_markdown_has_one_row_per_case(report):
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| case")]
     assert len(rows) == len(report["cases"])
     assert report["machine"]["device_name"] in text
-
-
-def test_musubi_factorization():
-    # SPEC §2's examples
-    assert factorization(512) == (16, 32)
-    assert factorization(512, 4) == (4, 128)
-    assert factorization(5120) == (64, 80)
-    assert factorization(3072) == (48, 64)
-    assert factorization(13824) == (108, 128)
-    assert factorization(5120, 7) == (5, 1024)
 
 
 def test_cli_bench_arguments():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 
-import pytest
 
 from comfyui_lycoris.cli import main
 from comfyui_lycoris.lycoris_core import read_adapter
