@@ -23,7 +23,6 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
-import numpy
 import torch
 
 from ..lycoris_core.adapter_file import AdapterFile, ModuleAdapter, read_adapter
@@ -35,6 +34,7 @@ from ..lycoris_core.architectures import (
     get_architecture,
 )
 from ..lycoris_core.errors import AdapterError
+from ..lycoris_core.finite import count_nonfinite, describe_nonfinite
 from ..lycoris_core.safetensors_io import (
     SafetensorsWriter,
     TensorEntry,
@@ -56,7 +56,6 @@ SUFFIXES = {
     "comfyui": _KOHYA_LORA,
     "diffusers": {("lora", "up"): "lora_B.weight", ("lora", "down"): "lora_A.weight", ("lora", "mid"): "lora_mid.weight"},
 }
-NONFINITE_CHUNK = 1 << 20  # elements checked at once, so the check never needs a full-size temporary
 
 
 @dataclass
@@ -489,36 +488,6 @@ def _metadata(adapter: AdapterFile, target: str, arch_id: str, prefix: str | Non
     return metadata
 
 
-# A float is NaN or Inf exactly when all its exponent bits are set: (integer view, exponent mask).
-_EXPONENT_BITS = {
-    torch.float64: (torch.int64, 0x7FF0000000000000),
-    torch.float32: (torch.int32, 0x7F800000),
-    torch.float16: (torch.int16, 0x7C00),
-    torch.bfloat16: (torch.int16, 0x7F80),
-}
-
-
-def count_nonfinite(tensor: torch.Tensor) -> int:
-    """NaN/Inf values in a tensor, checked in chunks (no full-size temporary).
-
-    Done in numpy, single-threaded: torch's isfinite is several times slower (bf16 more so) and its
-    intra-op thread pool stalls badly when other processes hold the cores. bf16, which numpy lacks,
-    is checked on its exponent bits (a float is NaN/Inf exactly when they are all set).
-    """
-    if tensor.dtype not in _EXPONENT_BITS:
-        return 0
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    int_dtype, mask = _EXPONENT_BITS[tensor.dtype]
-    bits = flat.view(int_dtype).numpy()
-    values = None if tensor.dtype == torch.bfloat16 else flat.numpy()
-    bad = 0
-    for i in range(0, bits.size, NONFINITE_CHUNK):
-        if values is not None and numpy.isfinite(values[i : i + NONFINITE_CHUNK]).all():
-            continue  # the common case, at memory speed
-        bad += int(numpy.count_nonzero((bits[i : i + NONFINITE_CHUNK] & mask) == mask))
-    return bad
-
-
 class _CheckedLoader:
     """The input's tensor loader, counting NaN/Inf of every tensor the first time it is read."""
 
@@ -544,8 +513,7 @@ class _CheckedLoader:
                     self(key)
 
     def describe_nonfinite(self) -> str:
-        listed = _listing([f"{k} ({n})" for k, n in self.nonfinite.items()], 5)
-        return f"{sum(self.nonfinite.values())} non-finite values (NaN/Inf) in {listed}"
+        return describe_nonfinite(self.nonfinite)
 
 
 def _progress_bar(total: int, enabled: bool):

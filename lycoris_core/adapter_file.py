@@ -22,6 +22,7 @@ from . import dora
 from .algorithms import ALGORITHMS, SUFFIX_INDEX, Algorithm, ShapeError
 from .architectures import detect_file_architecture, refine_format
 from .errors import AdapterError
+from .finite import count_nonfinite, describe_nonfinite
 from .safetensors_io import PICKLE_SUFFIXES, SafetensorsReader, TensorEntry, dtype_name, load_pickle_tensors
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -210,22 +211,16 @@ class AdapterFile:
         counts = {}
         for module in self.modules.values():
             for key in module.keys:
-                t = self.load(key)
-                if t.is_floating_point():
-                    bad = int((~torch.isfinite(t)).sum())
-                    if bad:
-                        counts[key] = bad
+                bad = count_nonfinite(self.load(key))
+                if bad:
+                    counts[key] = bad
         return counts
 
     def check_finite(self) -> None:
         """Raise AdapterError listing the tensors that hold NaN/Inf (merging them would ruin a model)."""
         counts = self.nonfinite_counts()
         if counts:
-            listed = ", ".join(f"{k} ({n})" for k, n in list(counts.items())[:5])
-            more = f" and {len(counts) - 5} more tensors" if len(counts) > 5 else ""
-            raise AdapterError(
-                f"{self.path}: {sum(counts.values())} non-finite values (NaN/Inf) in {listed}{more}"
-            )
+            raise AdapterError(f"{self.path}: {describe_nonfinite(counts)}")
 
 
 def split_key(key: str) -> tuple[str, str | None, str] | None:

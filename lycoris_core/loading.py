@@ -19,6 +19,7 @@ import torch
 from .adapter_file import AdapterFile, ModuleAdapter, read_adapter
 from .architectures import describe_architecture
 from .errors import AdapterError
+from .finite import count_nonfinite, describe_nonfinite
 from .plan import LoadPlan
 from .report import lokr_mode
 
@@ -73,20 +74,14 @@ def load_tensors(
         if patch.stem not in loaded:
             tensors = patch.module.tensors(dtype=None)
             for name, tensor in tensors.items():
-                if tensor.is_floating_point():
-                    bad = int((~torch.isfinite(tensor)).sum())
-                    if bad:
-                        nonfinite[patch.module.params[name].name] = bad
+                bad = count_nonfinite(tensor)
+                if bad:
+                    nonfinite[patch.module.params[name].name] = bad
             loaded[patch.stem] = tensors
         if progress is not None:
             progress(i + 1, total)
     if nonfinite:
-        listed = ", ".join(f"{k} ({n})" for k, n in list(nonfinite.items())[:5])
-        more = f" and {len(nonfinite) - 5} more tensors" if len(nonfinite) > 5 else ""
-        raise AdapterError(
-            f"{plan.adapter.path}: {sum(nonfinite.values())} non-finite values (NaN/Inf) in {listed}{more}; "
-            "nothing was applied"
-        )
+        raise AdapterError(f"{plan.adapter.path}: {describe_nonfinite(nonfinite)}; nothing was applied")
     return loaded
 
 
