@@ -38,6 +38,7 @@ class _Entry:
     strength: float
     rows: tuple[int, int] | None  # (offset, size) of the layer's output features, or all of them
     add_bias: bool  # the module carries a bias difference (full diffs with diff_b)
+    source_rows: tuple[int, int] | None = None  # the rows of the module's output this layer takes (fused module, split layers)
     _tensors: dict = field(default_factory=dict, repr=False)  # device -> fp32 tensors
     _rescale: torch.Tensor | None = field(default=None, repr=False)
 
@@ -76,7 +77,10 @@ def _apply(entry: _Entry, layer: torch.nn.Module, x: torch.Tensor, out: torch.Te
     xf = x.float()
     rows = out.narrow(-1, offset, size).float()
     if not module.has_dora:
-        new = rows + module.bypass_delta(xf, entry.strength, t)
+        delta = module.bypass_delta(xf, entry.strength, t)
+        if entry.source_rows is not None:
+            delta = delta.narrow(-1, *entry.source_rows)
+        new = rows + delta
     else:
         rescale = entry.rescale(layer, weight_of, x.device)
         bias = _layer_bias(layer, offset, size, x.device)
@@ -91,7 +95,10 @@ def _apply(entry: _Entry, layer: torch.nn.Module, x: torch.Tensor, out: torch.Te
 
             new = module.bypass_forward(xf, base, entry.strength, rescale=rescale, tensors=t)
     if entry.add_bias:
-        new = new + entry.strength * module.delta_bias(t)
+        bias_delta = module.delta_bias(t)
+        if entry.source_rows is not None:
+            bias_delta = bias_delta.narrow(0, *entry.source_rows)
+        new = new + entry.strength * bias_delta
     new = new.to(out.dtype)
     if size == width:
         return new
@@ -125,14 +132,20 @@ class BypassSet:
         strength: float = 1.0,
         rows: tuple[int, int] | None = None,
         add_bias: bool = False,
+        source_rows: tuple[int, int] | None = None,
     ) -> None:
-        """Adapt layer `layer` (a dotted path) by `module`, which must read its tensors from memory."""
+        """Adapt layer `layer` (a dotted path) by `module`, which must read its tensors from memory.
+
+        `rows`: the layer's output features it adds to (a slice of a fused layer); `source_rows`:
+        the module's output features it adds (one part of a fused module on split layers)."""
         if len(module.shape) != 2:
             raise AdapterError(
                 f"module {module.stem}: bypass mode handles Linear layers only, but it targets a weight of shape "
                 f"{list(module.shape)}; use patch mode"
             )
-        self.layers.setdefault(layer, []).append(_Entry(module, float(strength), rows, add_bias))
+        if module.has_dora and source_rows is not None:
+            raise AdapterError(f"module {module.stem}: a DoRA module cannot be split over separate layers")
+        self.layers.setdefault(layer, []).append(_Entry(module, float(strength), rows, add_bias, source_rows))
 
     def __len__(self) -> int:
         return sum(len(entries) for entries in self.layers.values())

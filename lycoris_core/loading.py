@@ -141,8 +141,9 @@ def load_report(
     """
     adapter = plan.adapter
     delegated = dict(delegated or {})
-    applied = [p.module for p in plan.patches]
+    applied = list({p.stem: p.module for p in plan.patches}.values())
     fused = sum(p.target.rows is not None for p in plan.patches)
+    split = len({p.stem for p in plan.patches if p.target.source_rows is not None})
     targets = Counter(p.target for p in plan.patches)
     unmatched = {s: why for s, why in plan.unmatched.items() if s not in delegated}
     lines = [
@@ -151,10 +152,12 @@ def load_report(
         f"architecture  {describe_architecture(plan.architecture)}"
         + (f" (file says {adapter.architecture})" if adapter.architecture and adapter.architecture != plan.architecture else ""),
         f"mode          {mode}, strength {strength:g}",
-        f"applied       {len(plan.patches)} of {len(adapter.modules)} modules: {_algorithm_counts(applied)}",
+        f"applied       {plan.modules_applied} of {len(adapter.modules)} modules: {_algorithm_counts(applied)}",
     ]
     if fused:
         lines.append(f"fused         {fused} of them into row slices of fused weights (split q/k/v)")
+    if split:
+        lines.append(f"split         {split} fused modules (q/k/v) over the model's separate weights")
     doubled = sum(1 for n in targets.values() if n > 1)
     if doubled:
         lines.append(f"warning       {doubled} weights receive more than one module of this file")

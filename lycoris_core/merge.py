@@ -110,9 +110,11 @@ def _merge_tensor(
             block.mul_(scale)
         for patch, strength in patches:
             offset, size = patch.target.rows or (0, rows)
+            source = patch.target.source_rows[0] if patch.target.source_rows else 0  # this weight's row 0 in ΔW
             lo, hi = max(start, offset), min(stop, offset + size)
             if lo < hi:
-                patch.module.apply_(block[lo - start : hi - start], strength, tensors[id(patch)], rows=(lo - offset, hi - offset))
+                patch.module.apply_(block[lo - start : hi - start], strength, tensors[id(patch)],
+                                    rows=(source + lo - offset, source + hi - offset))
         if quantized:
             if scale is not None:
                 block.div_(scale)
@@ -168,7 +170,7 @@ def merge(
             "strength": strength,
             "architecture": plan.architecture,
             "format": plan.adapter.format,
-            "modules_applied": len(plan.patches),
+            "modules_applied": plan.modules_applied,
             "modules_unmatched": len(plan.unmatched),
         }
         for plan, strength in zip(plans, strengths)
@@ -207,7 +209,8 @@ def _merge_bias(bias: torch.Tensor, patches: list[tuple[Patch, float]]) -> torch
     work = bias.float()
     for patch, strength in patches:
         offset, size = patch.target.rows or (0, bias.shape[0])
-        work[offset : offset + size].add_(patch.module.delta_bias(), alpha=strength)
+        source = patch.target.source_rows[0] if patch.target.source_rows else 0
+        work[offset : offset + size].add_(patch.module.delta_bias()[source : source + size], alpha=strength)
     return work.to(bias.dtype)
 
 

@@ -32,6 +32,12 @@ from .errors import AdapterError
 class Target:
     key: str  # the model's weight key, exactly as the model names it
     rows: tuple[int, int] | None  # (offset, size) along dim 0 of a fused weight, or the whole weight
+    # (offset, size) of the module's ΔW rows that land on this weight, when one fused module (a
+    # ComfyUI-layout qkv) spans several split weights of the model; None: all of them
+    source_rows: tuple[int, int] | None = None
+
+    def where(self) -> str:
+        return self.key + (f" rows {self.rows[0]}:{self.rows[0] + self.rows[1]}" if self.rows else "")
 
 
 @dataclass
@@ -50,6 +56,11 @@ class LoadPlan:
     patches: list[Patch]
     unmatched: dict[str, str] = field(default_factory=dict)  # stem -> why
 
+    @property
+    def modules_applied(self) -> int:
+        """Modules of the file that were planned (a fused module on split weights counts once)."""
+        return len({patch.stem for patch in self.patches})
+
     def by_key(self) -> dict[str, list[Patch]]:
         grouped: dict[str, list[Patch]] = {}
         for patch in self.patches:
@@ -58,16 +69,19 @@ class LoadPlan:
 
     def summary(self) -> str:
         algorithms: dict[str, int] = {}
-        for patch in self.patches:
+        for patch in {p.stem: p for p in self.patches}.values():
             algorithms[patch.module.algorithm_name] = algorithms.get(patch.module.algorithm_name, 0) + 1
         counts = ", ".join(f"{n} {a}" for a, n in sorted(algorithms.items()))
         fused = sum(p.target.rows is not None for p in self.patches)
+        split = len({p.stem for p in self.patches if p.target.source_rows is not None})
         text = (
-            f"{len(self.patches)}/{len(self.adapter.modules)} modules matched ({counts}) on "
+            f"{self.modules_applied}/{len(self.adapter.modules)} modules matched ({counts}) on "
             f"{describe_architecture(self.architecture)}"
         )
         if fused:
             text += f", {fused} into slices of fused weights"
+        if split:
+            text += f", {split} fused modules split over separate weights"
         if self.unmatched:
             text += f"; {len(self.unmatched)} unmatched"
         return text
@@ -78,6 +92,15 @@ class _Ambiguous:
 
     def __init__(self, *targets: Target):
         self.targets = targets
+
+
+@dataclass(frozen=True)
+class _Split:
+    """A fused weight's name (e.g. ComfyUI's `attention.qkv`) in a model that stores it split: the
+    parts, in row order, each with the rows of a fused module's ΔW it takes."""
+
+    name: str
+    parts: tuple[Target, ...]
 
 
 def _weight_keys(weight_shapes: Mapping[str, tuple]) -> dict[str, tuple]:
@@ -116,14 +139,48 @@ def _names_of(path: str, shape: tuple, arch: Architecture | None) -> dict[str, t
     return names
 
 
+def _split_weights(weights: Mapping[str, tuple], arch: Architecture) -> dict[str, _Split]:
+    """Fused names whose parts the model has as separate weights (all parts, consistent shapes)."""
+    groups: dict[str, dict[int, tuple[str, tuple, Slice]]] = {}
+    for key, shape in weights.items():
+        path = module_path(key)
+        for musubi, comfy in arch.layers:
+            if isinstance(comfy, Slice):
+                found = match_template(musubi, path)
+                if found is not None:
+                    groups.setdefault(comfy.fused.format(**found), {})[comfy.index] = (key, shape, comfy)
+    splits = {}
+    for name, parts in groups.items():
+        count = len(next(iter(parts.values()))[2].sizes)
+        if sorted(parts) != list(range(count)) or len({shape[1:] for _, shape, _ in parts.values()}) != 1:
+            continue
+        fused_shape = (sum(shape[0] for _, shape, _ in parts.values()), *parts[0][1][1:])
+        targets, offset = [], 0
+        try:
+            for i in range(count):
+                key, shape, part = parts[i]
+                if part.rows(fused_shape) != (offset, shape[0]):
+                    raise AdapterError("parts do not tile the fused weight")
+                targets.append(Target(key, None, (offset, shape[0])))
+                offset += shape[0]
+        except AdapterError:
+            continue
+        splits[name] = _Split(name, tuple(targets))
+    return splits
+
+
 def build_name_index(weight_shapes: Mapping[str, tuple], arch: Architecture | None) -> dict[str, object]:
-    """Flattened name -> Target (or _Ambiguous), for every adaptable weight of a model."""
+    """Flattened name -> Target (or _Ambiguous, or _Split), for every adaptable weight of a model."""
     index: dict[str, object] = {}
-    for key, shape in _weight_keys(weight_shapes).items():
+    weights = _weight_keys(weight_shapes)
+    if arch is not None:
+        # Registered first: a name the model really has (a fused weight) replaces its split form.
+        index.update({flatten(name): split for name, split in _split_weights(weights, arch).items()})
+    for key, shape in weights.items():
         for name, rows in _names_of(module_path(key), shape, arch).items():
             flat, target = flatten(name), Target(key, rows)
             existing = index.get(flat)
-            if existing is None or existing == target:
+            if existing is None or existing == target or isinstance(existing, _Split):
                 index[flat] = target
             elif isinstance(existing, _Ambiguous):
                 existing.targets += (target,)
@@ -189,21 +246,35 @@ def make_plan(adapter: AdapterFile, weight_shapes: Mapping[str, tuple], architec
         if isinstance(found, _Ambiguous):
             unmatched[stem] = "ambiguous: " + ", ".join(t.key for t in found.targets)
             continue
-        shape = tuple(weight_shapes[found.key])
-        if found.rows is not None:
-            shape = (found.rows[1], *shape[1:])
+        if isinstance(found, _Split):
+            targets = found.parts
+            first = tuple(weight_shapes[targets[0].key])
+            shape = (sum(t.source_rows[1] for t in targets), *first[1:])
+            where = f"{found.name} (split as {', '.join(t.key for t in targets)})"
+            if module.has_dora:
+                # Its magnitude is defined on the whole fused weight, which this model never holds.
+                unmatched[stem] = f"DoRA module on the fused {found.name}, which this model stores split"
+                continue
+        else:
+            targets = (found,)
+            shape = tuple(weight_shapes[found.key])
+            if found.rows is not None:
+                shape = (found.rows[1], *shape[1:])
+            where = found.where()
         if not module.fits(shape):
-            where = found.key + (f" rows {found.rows[0]}:{found.rows[0] + found.rows[1]}" if found.rows else "")
             misfits.append(f"module {stem} ({module.algorithm_name}) produces {list(module.shape)} but {where} is {list(shape)}")
             continue
-        bias_key = None
-        if module.has_bias_delta:
-            candidate = found.key[: -len("weight")] + "bias"
-            if candidate not in weight_shapes:
-                misfits.append(f"module {stem} carries a bias difference but the model has no {candidate}")
-                continue
-            bias_key = candidate
-        patches.append(Patch(stem, module, found, bias_key))
+        planned = []
+        for target in targets:
+            bias_key = None
+            if module.has_bias_delta:
+                bias_key = target.key[: -len("weight")] + "bias"
+                if bias_key not in weight_shapes:
+                    misfits.append(f"module {stem} carries a bias difference but the model has no {bias_key}")
+                    break
+            planned.append(Patch(stem, module, target, bias_key))
+        else:
+            patches.extend(planned)
 
     if misfits:
         more = f" (and {len(misfits) - 1} more)" if len(misfits) > 1 else ""

@@ -24,7 +24,8 @@ from ..lycoris_core.plan import LoadPlan
 class LycorisWeightPatch(comfy.weight_adapter.WeightAdapterBase):
     """One adapter module as a ComfyUI weight patch; the math is the core's `ModuleAdapter.apply_`.
 
-    All state is in `weights` = (module without file access, tensor names, *tensors as stored): ComfyUI
+    All state is in `weights` = (module without file access, the rows of its ΔW this weight takes or
+    None for all, tensor names, *tensors as stored): ComfyUI
     rebuilds adapters as `type(a)(loaded_keys, weights)` with the tensors moved to another device
     (dynamic VRAM prefetch) and counts their memory from the tuple. Errors are raised, never logged
     away: a weight is patched exactly or the load fails.
@@ -37,18 +38,19 @@ class LycorisWeightPatch(comfy.weight_adapter.WeightAdapterBase):
         self.weights = weights
 
     @classmethod
-    def create(cls, module, tensors: dict[str, torch.Tensor]) -> "LycorisWeightPatch":
+    def create(cls, module, tensors: dict[str, torch.Tensor], source_rows: tuple[int, int] | None = None) -> "LycorisWeightPatch":
         names = tuple(tensors)
-        return cls(set(module.keys), (detached(module), names, *(tensors[n] for n in names)))
+        rows = None if source_rows is None else (source_rows[0], source_rows[0] + source_rows[1])
+        return cls(set(module.keys), (detached(module), rows, names, *(tensors[n] for n in names)))
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
         # `function` (a post-process of the added term) is only set by patches registered with one; ours never are.
-        module, names, *tensors = self.weights
+        module, rows, names, *tensors = self.weights
         fp32 = {name: t.to(device=weight.device, dtype=torch.float32) for name, t in zip(names, tensors)}
         # fp32 whatever ComfyUI's intermediate dtype: one cast back into the (narrowed) weight.
         work = weight if weight.dtype == torch.float32 else weight.float()
-        module.apply_(work, strength, tensors=fp32)
+        module.apply_(work, strength, tensors=fp32, rows=rows)
         if work is not weight:
             weight.copy_(work)
         return weight
@@ -63,10 +65,14 @@ def add_weight_patches(model, plan: LoadPlan, tensors: dict, strength: float):
     patched = model.clone()
     rounds: list[dict] = []  # add_patches takes a dict: a target met twice goes in a later round
     for patch in plan.patches:
-        items = [(_target(patch.target.key, patch.target.rows), LycorisWeightPatch.create(patch.module, tensors[patch.stem]))]
+        target = patch.target
+        items = [(_target(target.key, target.rows), LycorisWeightPatch.create(patch.module, tensors[patch.stem], target.source_rows))]
         if patch.bias_key:
             fp32 = {n: t.float() for n, t in tensors[patch.stem].items()}
-            items.append((_target(patch.bias_key, patch.target.rows), ("diff", (detached(patch.module).delta_bias(fp32),))))
+            bias = detached(patch.module).delta_bias(fp32)
+            if target.source_rows:
+                bias = bias.narrow(0, *target.source_rows)
+            items.append((_target(patch.bias_key, target.rows), ("diff", (bias,))))
         for target, value in items:
             for batch in rounds:
                 if target not in batch:
@@ -93,7 +99,7 @@ def add_bypass_hooks(model, plan: LoadPlan, tensors: dict, strength: float):
     for patch in plan.patches:
         layer = patch.target.key[: -len(".weight")]
         hooks.add(layer, with_tensors(patch.module, tensors[patch.stem]), strength, patch.target.rows,
-                  add_bias=patch.bias_key is not None)
+                  add_bias=patch.bias_key is not None, source_rows=patch.target.source_rows)
     patched = model.clone()
     # One key per load: chained loaders each keep theirs, and ComfyUI tells models apart by these keys.
     patched.set_injections(

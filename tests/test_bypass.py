@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from comfyui_lycoris.lycoris_core import AdapterError, read_adapter
 from comfyui_lycoris.lycoris_core.bypass import BypassSet
-from comfyui_lycoris.lycoris_core.loading import with_tensors
+from comfyui_lycoris.lycoris_core.loading import weight_shapes, with_tensors
+from comfyui_lycoris.lycoris_core.plan import make_plan
 from helpers import MUSUBI, adapter_entries, expected_weights, module_paths, rel_err, stem_of
 
 MUSUBI_FILES = [e for e in adapter_entries() if e["format"] == "musubi"]
@@ -138,6 +139,47 @@ def test_full_diff_with_bias_on_a_slice(write_safetensors):
     hooks.attach(layer)
     x = torch.randn(3, 4)
     assert rel_err(layer(x), F.linear(x, want_w, want_b)) <= 1e-5
+
+
+@pytest.mark.parametrize("algorithm", ["loha", "lokr", "diff"])
+def test_fused_module_on_split_layers_takes_its_output_rows(write_safetensors, algorithm):
+    """A ComfyUI-layout qkv module on a model with separate to_q/to_k/to_v: planned by make_plan,
+    each layer adds its own rows of the module's output (and of its bias difference)."""
+    stem = "diffusion_model.layers.0.attention.qkv"
+    if algorithm == "loha":
+        t = loha_tensors(stem, 30, 10)
+    elif algorithm == "lokr":
+        t = {f"{stem}.lokr_w1": torch.randn(5, 2), f"{stem}.lokr_w2": torch.randn(6, 5)}  # row blocks straddle parts
+    else:
+        t = {f"{stem}.diff": torch.randn(30, 10), f"{stem}.diff_b": torch.randn(30)}
+    adapter = read_adapter(write_safetensors(t))
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([torch.nn.Module()])
+    model.layers[0].attention = torch.nn.Module()
+    for p in "qkv":
+        setattr(model.layers[0].attention, f"to_{p}", linear(torch.randn(10, 10)))
+    plan = make_plan(adapter, weight_shapes(model.state_dict()), "z_image")
+    assert [p.target.source_rows for p in plan.patches] == [(0, 10), (10, 10), (20, 10)]
+    module = in_memory(adapter.modules[stem])
+    hooks = BypassSet()
+    for patch in plan.patches:
+        hooks.add(patch.target.key[: -len(".weight")], module, 0.5, patch.target.rows,
+                  add_bias=patch.bias_key is not None, source_rows=patch.target.source_rows)
+    hooks.attach(model)
+    x = torch.randn(3, 10)
+    delta, delta_bias = module.delta_weight(), module.delta_bias()
+    for i, p in enumerate("qkv"):
+        layer = getattr(model.layers[0].attention, f"to_{p}")
+        rows = slice(10 * i, 10 * (i + 1))
+        want_bias = layer.bias + (0 if delta_bias is None else 0.5 * delta_bias[rows])
+        assert rel_err(layer(x), F.linear(x, layer.weight + 0.5 * delta[rows], want_bias)) <= 1e-5, p
+
+
+def test_a_dora_module_is_not_split_over_layers(write_safetensors):
+    stem = "lora_unet_blocks_0_ffn_2"
+    module = in_memory(read_adapter(write_safetensors(loha_tensors(stem, 8, 4, dora="out"))).modules[stem])
+    with pytest.raises(AdapterError, match="DoRA module cannot be split"):
+        BypassSet().add("0", module, source_rows=(0, 4))
 
 
 def test_low_precision_layer_is_computed_in_fp32_and_cast_once(write_safetensors):

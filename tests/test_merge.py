@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from comfyui_lycoris.lycoris_core import AdapterError
+from comfyui_lycoris.lycoris_core import AdapterError, read_adapter
 from comfyui_lycoris.lycoris_core.merge import MERGE_METADATA_KEY, merge, parse_adapter_arg
 from helpers import (
     ARCH_OF_PREFIX, MUSUBI, adapter_entries, comfy_location, comfy_names, expected_weights, module_paths, rel_err,
@@ -262,3 +262,112 @@ def test_cli_merge_and_its_errors(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "output file exists" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1 and "Traceback" not in again.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# A fused module (ComfyUI-layout qkv) onto a base that stores q, k and v as separate weights
+
+
+FUSED_LOHA = [e for e in ENTRIES if e["format"] == "musubi" and e["algorithm"] == "loha"
+              and e["arch_id"] in ("z_image", "hunyuan_video_1_5")]
+
+
+@pytest.mark.parametrize("entry", FUSED_LOHA, ids=[e["file"] for e in FUSED_LOHA])
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_fused_comfyui_loha_merges_onto_split_original_naming(entry, strength, tmp_path):
+    from comfyui_lycoris.convert import convert_file
+
+    fused_file = tmp_path / "comfyui.safetensors"
+    convert_file(MUSUBI / entry["file"], fused_file, "comfyui")
+    fused_stems = [s for s in read_adapter(fused_file).modules if s.endswith("qkv")]
+    assert fused_stems, "the ComfyUI layout fuses q/k/v"
+    expected = expected_weights(entry)
+    base_tensors = original_base(expected)
+    _, out, result = run_merge(tmp_path, base_tensors, [(fused_file, strength)])
+    merged = load_file(str(out))
+    for path in module_paths(expected):
+        assert rel_err(merged[f"{path}.weight"], expected[f"merged/{strength}/{path}.weight"]) <= 1e-5, path
+    plan = result.plans[0]
+    assert not plan.unmatched
+    split = {p.stem for p in plan.patches if p.target.source_rows is not None}
+    assert split == set(fused_stems)
+    assert plan.modules_applied == len(read_adapter(fused_file).modules)
+    assert f"{len(split)} fused modules split over separate weights" in plan.summary()
+
+
+def _split_zimage_base(gen, bias=False):
+    base = {}
+    for p in "qkv":
+        base[f"layers.0.attention.to_{p}.weight"] = torch.randn(10, 10, generator=gen)
+        if bias:
+            base[f"layers.0.attention.to_{p}.bias"] = torch.randn(10, generator=gen)
+    base["layers.0.attention.to_out.0.weight"] = torch.randn(10, 10, generator=gen)
+    base["layers.0.feed_forward.w1.weight"] = torch.randn(20, 10, generator=gen)
+    base["noise_refiner.0.attention.to_q.weight"] = torch.randn(10, 10, generator=gen)
+    return base
+
+
+@pytest.mark.parametrize("w2_rows", [6, 10, 15], ids=["blocks-straddle-parts", "blocks-align", "wide-blocks"])
+def test_fused_lokr_onto_split_weights_takes_its_rows(w2_rows, tmp_path, write_safetensors):
+    """A LoKr on ComfyUI's fused qkv: each split weight gets exactly its rows of kron(w1, w2),
+    also where a kron row block straddles two parts."""
+    gen = torch.Generator().manual_seed(5)
+    stem = "diffusion_model.layers.0.attention.qkv"
+    adapter = write_safetensors({f"{stem}.lokr_w1": torch.randn(30 // w2_rows, 2, generator=gen),
+                                 f"{stem}.lokr_w2": torch.randn(w2_rows, 5, generator=gen)})
+    base = _split_zimage_base(gen)
+    _, out, result = run_merge(tmp_path, base, [(adapter, 0.7)], architecture="z_image")
+    merged = load_file(str(out))
+    delta = read_adapter(adapter).modules[stem].delta_weight()
+    for i, p in enumerate("qkv"):
+        key = f"layers.0.attention.to_{p}.weight"
+        assert rel_err(merged[key], base[key] + 0.7 * delta[10 * i : 10 * (i + 1)]) <= 1e-6, key
+    for key in set(base) - {f"layers.0.attention.to_{p}.weight" for p in "qkv"}:
+        assert torch.equal(merged[key], base[key]), key
+    assert [p.target.source_rows for p in result.plans[0].patches] == [(0, 10), (10, 10), (20, 10)]
+
+
+def test_fused_diff_with_bias_onto_split_weights(tmp_path, write_safetensors):
+    gen = torch.Generator().manual_seed(6)
+    stem = "diffusion_model.layers.0.attention.qkv"
+    diff, diff_b = torch.randn(30, 10, generator=gen), torch.randn(30, generator=gen)
+    adapter = write_safetensors({f"{stem}.diff": diff, f"{stem}.diff_b": diff_b})
+    base = _split_zimage_base(gen, bias=True)
+    _, out, _ = run_merge(tmp_path, base, [(adapter, 0.5)], architecture="z_image")
+    merged = load_file(str(out))
+    for i, p in enumerate("qkv"):
+        rows = slice(10 * i, 10 * (i + 1))
+        w, b = f"layers.0.attention.to_{p}.weight", f"layers.0.attention.to_{p}.bias"
+        assert rel_err(merged[w], base[w] + 0.5 * diff[rows]) <= 1e-6
+        assert rel_err(merged[b], base[b] + 0.5 * diff_b[rows]) <= 1e-6
+
+
+def test_fused_dora_onto_split_weights_is_listed_unmatched(tmp_path, write_safetensors):
+    gen = torch.Generator().manual_seed(8)
+    fused, plain = "diffusion_model.layers.0.attention.qkv", "diffusion_model.layers.0.attention.out"
+    t = {f"{fused}.lokr_w1": torch.randn(3, 2, generator=gen), f"{fused}.lokr_w2": torch.randn(10, 5, generator=gen),
+         f"{fused}.dora_scale": torch.rand(30, 1, generator=gen) + 0.5,
+         f"{plain}.lokr_w1": torch.randn(2, 2, generator=gen), f"{plain}.lokr_w2": torch.randn(5, 5, generator=gen)}
+    adapter = write_safetensors(t)
+    base = _split_zimage_base(gen)
+    _, out, result = run_merge(tmp_path, base, [(adapter, 1.0)], architecture="z_image")
+    plan = result.plans[0]
+    assert list(plan.unmatched) == [fused]
+    assert "DoRA" in plan.unmatched[fused] and "layers.0.attention.qkv" in plan.unmatched[fused]
+    merged = load_file(str(out))
+    for p in "qkv":
+        key = f"layers.0.attention.to_{p}.weight"
+        assert torch.equal(merged[key], base[key])
+
+
+def test_a_fused_weight_the_model_has_is_not_split(tmp_path, write_safetensors):
+    """Parts present next to their fused weight: the fused name means the fused weight."""
+    gen = torch.Generator().manual_seed(9)
+    stem = "diffusion_model.layers.0.attention.qkv"
+    adapter = write_safetensors({f"{stem}.lokr_w1": torch.randn(3, 2, generator=gen),
+                                 f"{stem}.lokr_w2": torch.randn(10, 5, generator=gen)})
+    base = _split_zimage_base(gen)
+    base["layers.0.attention.qkv.weight"] = torch.randn(30, 10, generator=gen)
+    _, out, result = run_merge(tmp_path, base, [(adapter, 1.0)], architecture="z_image")
+    (patch,) = result.plans[0].patches
+    assert patch.target.key == "layers.0.attention.qkv.weight" and patch.target.source_rows is None

@@ -336,3 +336,23 @@ def test_a_patch_that_does_not_fit_raises_where_core_adapters_log_and_skip(comfy
     core = importlib.import_module("comfy.weight_adapter").LoKrAdapter.load(stem, sd, adapter.modules[stem].alpha, None)
     out = comfy_env.comfy.lora.calculate_weight([(1.0, core, 1.0, None, None)], wrong.clone(), "diffusion_model.x.weight")
     assert torch.equal(out, wrong)  # silently unchanged
+
+
+def test_weight_patch_for_one_part_of_a_fused_module(comfy_env, write_safetensors):
+    """A fused (qkv) module planned onto a model's separate q/k/v weights: each ComfyUI weight patch
+    adds its own rows of ΔW, also after ComfyUI rebuilds it from its `weights`."""
+    read_adapter = comfy_env.core.read_adapter
+    LycorisWeightPatch = importlib.import_module(comfy_env.pack.__name__ + ".nodes.patches").LycorisWeightPatch
+    gen = torch.Generator().manual_seed(3)
+    stem = "diffusion_model.layers.0.attention.qkv"
+    module = read_adapter(write_safetensors(loha(stem, 30, 10, gen))).modules[stem]
+    tensors = module.tensors(dtype=None)
+    delta = module.delta_weight()
+    lora = comfy_env.comfy.lora
+    for i in range(3):
+        key = f"diffusion_model.layers.0.attention.to_{'qkv'[i]}.weight"
+        patch = LycorisWeightPatch.create(module, tensors, source_rows=(10 * i, 10))
+        rebuilt = lora.prefetch_prepared_value(patch, [0], None, None, False)
+        base = torch.randn(10, 10, generator=gen)
+        got = lora.calculate_weight([(0.5, rebuilt, 1.0, None, None)], base.clone(), key)
+        assert rel_err(got, base + 0.5 * delta[10 * i : 10 * (i + 1)]) <= 1e-5
