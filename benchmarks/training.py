@@ -4,7 +4,10 @@ Contenders (same W, x and output gradient; only the adapter's factors train, x n
 as it would inside a model):
   ours         `lycoris_core.training` (`build_trainable_linear`, bypass mode), when importable
   proxy        when it is not: the core's `lokr.bypass_delta` under autograd (what it builds on)
-  materialize  the reference: `F.linear(x, W + s·kron(w1, w2a@w2b))`, ΔW built every step
+  materialize  the reference: `F.linear(x, W + s·kron(w1, w2a@w2b))`, ΔW built every step (the
+               cheapest materializing form: one full-size matmul forward, two backward)
+  musubi       Musubi Tuner's LoKr forward as its networks/lokr.py writes it:
+               `W·x + F.linear(x, s·kron(w1, w2))`, two full-size matmuls forward and three backward
   lycoris      lycoris-lora's `LokrModule` on the Linear: its default forward (rebuilds ΔW) and
                `bypass_mode=True` (kron_bypass)
 Times are interleaved medians in this process; each contender's peak memory is the growth of RSS
@@ -27,6 +30,7 @@ TITLES = {
     "ours": "lycoris_core.training (bypass)",
     "proxy": "core lokr.bypass_delta + autograd (proxy)",
     "materialize": "ΔW-materializing F.linear(x, W + s·ΔW)",
+    "musubi": "Musubi-style W·x + F.linear(x, s·ΔW)",
     "lycoris": "lycoris-lora LokrModule (default forward)",
     "lycoris_bypass": "lycoris-lora LokrModule (bypass_mode)",
 }
@@ -64,7 +68,7 @@ def build_step(variant: str, shape: tuple[int, int], rank: int, tokens: int, dev
             raise RuntimeError(why)
         layer = builder("lokr", out, in_, rank, alpha, mode="bypass", device=device, dtype=dtype)
         forward, params = layer, [p for p in layer.parameters() if p.requires_grad]
-    elif variant in ("proxy", "materialize"):
+    elif variant in ("proxy", "materialize", "musubi"):
         from ..lycoris_core.algorithms import lokr
 
         weight = synthetic.fill(shape, dtype, device)
@@ -75,10 +79,14 @@ def build_step(variant: str, shape: tuple[int, int], rank: int, tokens: int, dev
         if variant == "proxy":
             def forward(v):
                 return F.linear(v, weight) + lokr.bypass_delta(v, t) * scale
-        else:
+        elif variant == "materialize":
             def forward(v):
                 w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
                 return F.linear(v, weight + scale * torch.kron(t["lokr_w1"], w2))
+        else:
+            def forward(v):
+                w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
+                return F.linear(v, weight) + F.linear(v, torch.kron(t["lokr_w1"], w2) * scale)
     elif variant in ("lycoris", "lycoris_bypass"):
         from lycoris.modules import LokrModule
 
@@ -113,7 +121,7 @@ def run(shapes: dict[str, tuple[int, int]], tokens: int, rank: int, runs: int, d
     builder, why_not = training_builder()
     have_lycoris = importlib.util.find_spec("lycoris") is not None
     ours = "ours" if builder is not None else "proxy"
-    variants = [ours, "materialize"] + (list(peers) if have_lycoris else [])
+    variants = [ours, "materialize", "musubi"] + (list(peers) if have_lycoris else [])
     sync = synchronizer(device)
     results = []
     for shape_name, shape in shapes.items():
@@ -138,7 +146,7 @@ def run(shapes: dict[str, tuple[int, int]], tokens: int, rank: int, runs: int, d
         if builder is None:
             results.append(unavailable("training", f"{name} ours vs materialize", params, TITLES["ours"],
                                        TITLES["materialize"], why_not, target=target))
-        pairs = [(ours, "materialize")] + [(ours, v) for v in variants[2:]] + [(v, "materialize") for v in variants[2:]]
+        pairs = [(ours, "materialize")] + [(ours, v) for v in variants[2:]] + [(v, "materialize") for v in variants[3:]]
         for a, b in pairs:
             r = Result("training", f"{name} {a} vs {b}", params, TITLES[a], TITLES[b],
                        seconds=timings[a].median, baseline_seconds=timings[b].median, runs=timings[a].runs,
