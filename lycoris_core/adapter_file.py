@@ -268,7 +268,7 @@ def read_adapter(path: str | os.PathLike, lokr_full_matrix_alpha: bool = False) 
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise AdapterError(f"{path}: no such file")
+        raise AdapterError(f"{path}: " + ("is a directory, not an adapter file" if os.path.isdir(path) else "no such file"))
     entries, metadata, load, size = _open_source(path)
     if not entries:
         raise AdapterError(f"{path}: file holds no tensors")

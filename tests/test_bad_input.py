@@ -68,6 +68,9 @@ def test_not_a_safetensors_file(tmp_path):
     empty.write_bytes(b"")
     expect_error(empty, "not a safetensors file")
     expect_error(tmp_path / "missing.safetensors", "no such file")
+    folder = tmp_path / "folder.safetensors"
+    folder.mkdir()
+    expect_error(folder, "is a directory")
 
 
 def test_inconsistent_offsets(tmp_path):
