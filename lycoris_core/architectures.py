@@ -509,7 +509,8 @@ def detect_file_architecture(adapter) -> str | None:
     return detect_adapter_architecture({stem: m.shape for stem, m in adapter.modules.items()}, adapter.metadata)
 
 
-MODEL_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
+# "model.model.": how ComfyUI's ModelSave writes HunyuanVideo (1.5) models
+MODEL_PREFIXES = ("model.diffusion_model.", "model.model.", "diffusion_model.", "model.")
 
 
 def module_path(key: str) -> str:

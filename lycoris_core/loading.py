@@ -154,6 +154,8 @@ def load_report(
         f"mode          {mode}, strength {strength:g}",
         f"applied       {plan.modules_applied} of {len(adapter.modules)} modules: {_algorithm_counts(applied)}",
     ]
+    if mode == "bypass":
+        lines.append("weights       untouched: a model saved from here (e.g. by ModelSave) lacks this adapter; patch mode bakes it")
     if fused:
         lines.append(f"fused         {fused} of them into row slices of fused weights (split q/k/v)")
     if split:

@@ -83,6 +83,8 @@ def test_load_report_says_what_was_and_was_not_applied(write_safetensors):
     assert "format        musubi" in lines
     assert "architecture  Z-Image (z_image)" in lines
     assert "mode          bypass, strength 0.75" in lines
+    assert any(line.startswith("weights       untouched") for line in lines)
+    assert not any(line.startswith("weights ") for line in load_report(plan, 0.75, "patch").splitlines())
     full = sum(m.rank is None for m in source.modules.values())
     assert f"applied       14 of 16 modules: 14 lokr ({full} full-matrix, {14 - full} low-rank)" in lines
     assert "fused         6 of them into row slices of fused weights (split q/k/v)" in lines

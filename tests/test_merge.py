@@ -97,6 +97,20 @@ def test_merge_onto_comfyui_naming(entry, strength, tmp_path):
     assert result.plans[0].architecture == arch
 
 
+@pytest.mark.parametrize("name", ["hunyuan_video_lokr_r3_a2.safetensors", "hunyuan_video_1_5_loha_r4_a2.safetensors"])
+def test_merge_onto_a_model_saved_by_comfyui(name, tmp_path):
+    """ComfyUI's ModelSave writes HunyuanVideo (1.5) under `model.model.` (tests/integration checks the real one)."""
+    entry = next(e for e in ENTRIES if e["file"] == name)
+    arch = ARCH_OF_PREFIX[prefix_of(entry)]
+    expected = expected_weights(entry)
+    base_tensors, where = comfy_base(arch, expected, key_prefix="model.model.")
+    _, out, result = run_merge(tmp_path, base_tensors, [(MUSUBI / entry["file"], 1.0)])
+    merged = load_file(str(out))
+    for path, (key, rows) in where.items():
+        assert rel_err(merged[key][rows], expected[f"merged/1.0/{path}.weight"]) <= 1e-5, path
+    assert result.plans[0].architecture == arch and not result.plans[0].unmatched
+
+
 def test_output_keeps_dtypes_and_metadata_and_records_the_merge(tmp_path):
     entry = next(e for e in ENTRIES if e["file"] == "wan_lokr_r3_a2.safetensors")
     expected = expected_weights(entry)
