@@ -134,8 +134,13 @@ def merge(
     overwrite: bool = False,
     lokr_full_matrix_alpha: bool = False,
     progress: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> MergeResult:
-    """Bake `adapters` [(file, strength), ...] into the diffusion-model file `base`, writing `output`."""
+    """Bake `adapters` [(file, strength), ...] into the diffusion-model file `base`, writing `output`.
+
+    `progress`: a terminal progress bar. `on_progress(done_bytes, total_bytes)` is called after each
+    tensor; an exception it raises (a host's cancel) stops the merge and nothing is written.
+    """
     base, output = os.fspath(base), os.fspath(output)
     check_output_path(output, overwrite)
     if not adapters:
@@ -179,7 +184,8 @@ def merge(
 
     result = MergeResult(output, plans, strengths)
     layout = list(entries.values())
-    bar = _progress_bar(sum(e.nbytes for e in layout), progress)
+    total, done = sum(e.nbytes for e in layout), 0
+    bar = _progress_bar(total, progress)
     try:
         with SafetensorsWriter(output, layout, metadata, overwrite) as writer:
             for entry in layout:
@@ -199,6 +205,9 @@ def merge(
                     writer.write(entry.name, tensor)
                 del tensor  # before the next read: one tensor of BASE in memory at a time
                 bar.update(entry.nbytes)
+                done += entry.nbytes
+                if on_progress is not None:
+                    on_progress(done, total)
     finally:
         bar.close()
         reader.close()

@@ -10,6 +10,7 @@ from comfy_api.latest import ComfyExtension, io
 from .converter import LycorisConvert
 from .inspector import LycorisInspect
 from .loader import LycorisLoader, LycorisLoaderModelOnly
+from .merge import LycorisMerge
 from .training import LycorisApply, LycorisSave, LycorisTrain
 
 NODES: list[type[io.ComfyNode]] = [
@@ -17,6 +18,7 @@ NODES: list[type[io.ComfyNode]] = [
     LycorisLoader,
     LycorisInspect,
     LycorisConvert,
+    LycorisMerge,
     LycorisTrain,
     LycorisSave,
     LycorisApply,

@@ -1,5 +1,6 @@
-"""Where the pack's writing nodes put adapter files: ComfyUI's `output/loras` folder, which is also
-registered as a `loras` folder so every LoRA loader (this pack's and ComfyUI's) lists what was
+"""Where the pack's writing nodes put files: adapters into ComfyUI's `output/loras`, baked models
+into `output/diffusion_models`. Each output folder is also registered as a model folder of the same
+kind, so the loaders (this pack's and ComfyUI's: LoRA loaders, Load Diffusion Model) list what was
 written there without a restart or a copy.
 """
 
@@ -12,33 +13,40 @@ import folder_paths
 from ..lycoris_core.errors import AdapterError
 from .common import ADAPTER_FOLDER
 
-OUTPUT_SUBFOLDER = "loras"  # the same place ComfyUI's own SaveLoRA node uses by default
+MODEL_FOLDER = "diffusion_models"  # what ComfyUI's UNETLoader lists
+OUTPUT_KINDS = (ADAPTER_FOLDER, MODEL_FOLDER)  # output/<kind> is listed as a folder of <kind>
 EXTENSION = ".safetensors"
 
 
-def output_loras_folder(create: bool = True) -> str:
-    """`<output>/loras`, listed under `loras` (idempotent) and created unless `create` is False.
+def output_folder(kind: str = ADAPTER_FOLDER, create: bool = True) -> str:
+    """`<output>/<kind>`, listed under `kind` (idempotent) and created unless `create` is False.
 
     Called on import and before every write, so a changed output directory (tests, --output-directory
     set by a launcher) is followed.
     """
-    folder = os.path.abspath(os.path.join(folder_paths.get_output_directory(), OUTPUT_SUBFOLDER))
+    if kind not in OUTPUT_KINDS:
+        raise ValueError(kind)
+    folder = os.path.abspath(os.path.join(folder_paths.get_output_directory(), kind))
     if create:
         os.makedirs(folder, exist_ok=True)
-    folder_paths.add_model_folder_path(ADAPTER_FOLDER, folder)
+    folder_paths.add_model_folder_path(kind, folder)
     return folder
 
 
-def named_output(name: str, overwrite: bool) -> str:
-    """The absolute path of `name` (may hold subfolders, `.safetensors` added) inside output/loras.
+def output_loras_folder(create: bool = True) -> str:
+    return output_folder(ADAPTER_FOLDER, create)
+
+
+def named_output(name: str, overwrite: bool, kind: str = ADAPTER_FOLDER) -> str:
+    """The absolute path of `name` (may hold subfolders, `.safetensors` added) inside output/<kind>.
 
     Raises AdapterError for names that leave the folder, and for an existing file unless `overwrite`.
     """
-    folder = output_loras_folder()
+    folder = output_folder(kind)
     name = name.strip()
     if name and not name.endswith(EXTENSION):
         name += EXTENSION
-    path = _inside(folder, name, "output name")
+    path = _inside(folder, name, "output name", kind)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if os.path.exists(path) and not overwrite:
         raise AdapterError(f"{path}: file exists; turn on 'overwrite' to replace it, or choose another name")
@@ -50,7 +58,7 @@ def numbered_output(filename_prefix: str) -> str:
     image savers (the counter continues after the highest existing number for that prefix)."""
     folder = output_loras_folder()
     filename_prefix = filename_prefix.strip()
-    _inside(folder, filename_prefix, "filename prefix")
+    _inside(folder, filename_prefix, "filename prefix", ADAPTER_FOLDER)
     full_folder, filename, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, folder)
     while True:  # the counter is one past the highest; step over any file created since
         path = os.path.join(full_folder, f"{filename}_{counter:05}_{EXTENSION}")
@@ -59,16 +67,17 @@ def numbered_output(filename_prefix: str) -> str:
         counter += 1
 
 
-def _inside(folder: str, name: str, what: str) -> str:
+def _inside(folder: str, name: str, what: str, kind: str) -> str:
     path = os.path.abspath(os.path.join(folder, name))
     if not name or os.path.commonpath([folder, path]) != folder or path == folder:
-        raise AdapterError(f"{what} {name!r} must name a file inside the output/loras folder")
+        raise AdapterError(f"{what} {name!r} must name a file inside the output/{kind} folder")
     return path
 
 
-def listed_name(path: str) -> str:
-    """The name under which the loaders list `path` (relative to output/loras, with `/`)."""
-    return os.path.relpath(path, output_loras_folder(create=False)).replace(os.sep, "/")
+def listed_name(path: str, kind: str = ADAPTER_FOLDER) -> str:
+    """The name under which the loaders list `path` (relative to output/<kind>, with `/`)."""
+    return os.path.relpath(path, output_folder(kind, create=False)).replace(os.sep, "/")
 
 
-output_loras_folder(create=False)  # list earlier outputs in the loaders from ComfyUI's start
+for _kind in OUTPUT_KINDS:  # list earlier outputs in the loaders from ComfyUI's start
+    output_folder(_kind, create=False)

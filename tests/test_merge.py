@@ -385,3 +385,24 @@ def test_a_fused_weight_the_model_has_is_not_split(tmp_path, write_safetensors):
     _, out, result = run_merge(tmp_path, base, [(adapter, 1.0)], architecture="z_image")
     (patch,) = result.plans[0].patches
     assert patch.target.key == "layers.0.attention.qkv.weight" and patch.target.source_rows is None
+
+
+def test_progress_reaches_the_total_and_a_raising_callback_writes_nothing(tmp_path):
+    entry = next(e for e in ENTRIES if e["file"] == "wan_lokr_r3_a2.safetensors")
+    base_tensors = original_base(expected_weights(entry))
+    seen = []
+    run_merge(tmp_path, base_tensors, [(MUSUBI / entry["file"], 1.0)], on_progress=lambda done, total: seen.append((done, total)))
+    total = sum(t.numel() * t.element_size() for t in base_tensors.values())
+    assert len(seen) == len(base_tensors) and seen[-1] == (total, total)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel(done, total):
+        if done > total // 2:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        run_merge(tmp_path, base_tensors, [(MUSUBI / entry["file"], 1.0)], name="cancelled.safetensors", on_progress=cancel)
+    assert sorted(os.listdir(tmp_path)) == ["base.safetensors", "out.safetensors"]  # no output, no temporary

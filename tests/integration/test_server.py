@@ -27,7 +27,7 @@ from helpers import MUSUBI
 require_comfyui()  # skips this module, with the reason, when there is no ComfyUI
 
 PACK = "comfyui-lycoris"
-NODE_IDS = ("LycorisLoaderModelOnly", "LycorisLoader", "LycorisInspect", "LycorisConvert")
+NODE_IDS = ("LycorisLoaderModelOnly", "LycorisLoader", "LycorisInspect", "LycorisConvert", "LycorisMerge")
 FRONTEND_ONLY = {"Note", "MarkdownNote"}  # drawn by the frontend, never sent to the server
 TINY_WAN = "tiny_wan_i2v.safetensors"
 
@@ -231,3 +231,18 @@ def test_errors_reach_the_ui_as_node_errors(server):
     assert status == 400
     node_errors = json.loads(answer)["node_errors"]["2"]["errors"]
     assert node_errors[0]["type"] == "value_not_in_list"
+
+
+def test_bake_workflow_runs_through_post_prompt(server):
+    prompt = to_api(template("lycoris_bake"), get_json(server, "/object_info"))
+    by_type = {node["class_type"]: node_id for node_id, node in prompt.items()}
+    merge = prompt[by_type["LycorisMerge"]]["inputs"]
+    merge["unet_name"], merge["lora_name"] = TINY_WAN, "wan_lokr_r3_a2.safetensors"
+    entry = run_prompt(server, prompt)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    report = entry["outputs"][by_type["PreviewAny"]]["text"][0]
+    assert "24/24 modules matched (24 lokr)" in report
+    baked = server.base / "output" / "diffusion_models" / "tiny_wan_i2v_wan_lokr_r3_a2.safetensors"
+    assert baked.is_file() and str(baked) in report
+    assert "tiny_wan_i2v_wan_lokr_r3_a2.safetensors" in get_json(server, "/object_info/UNETLoader")["UNETLoader"][
+        "input"]["required"]["unet_name"][0]

@@ -329,6 +329,7 @@ def test_flux_trains_with_checkpointing_and_says_why_not_without(comfy_env, comf
     ("LycorisSave", "training/lycoris", ["STRING"]),
     ("LycorisApply", "training/lycoris", ["MODEL", "STRING"]),
     ("LycorisConvert", "loaders/lycoris", ["STRING"]),
+    ("LycorisMerge", "loaders/lycoris", ["STRING", "STRING"]),
 ])
 def test_node_info_as_the_server_lists_it(comfy_env, node_id, category, outputs):
     """What /object_info serves for the node (ComfyUI's server calls GET_NODE_INFO_V1): every input has a tooltip."""
@@ -337,7 +338,7 @@ def test_node_info_as_the_server_lists_it(comfy_env, node_id, category, outputs)
     for section in ("required", "optional"):
         for name, spec in info["input"].get(section, {}).items():
             assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
-    assert info["output_node"] == (node_id in ("LycorisSave", "LycorisConvert"))
+    assert info["output_node"] == (node_id in ("LycorisSave", "LycorisConvert", "LycorisMerge"))
     assert info["is_input_list"] == (node_id == "LycorisTrain")
     if node_id == "LycorisTrain":
         assert info["input"]["required"]["optimizer"][1]["options"][0] == "AdamW"
