@@ -17,7 +17,9 @@ from comfy_api.latest import io, ui
 
 from ..lycoris_core.errors import AdapterError
 from ..lycoris_core.merge import merge, parse_adapter_arg
-from .common import CATEGORY, adapter_fingerprint, adapter_name_input, adapter_path, lokr_full_matrix_alpha_input, show_text
+from .common import (
+    ADAPTER_FOLDER, CATEGORY, adapter_fingerprint, adapter_name_input, adapter_path, lokr_full_matrix_alpha_input, show_text,
+)
 from .converter import ARCHITECTURES
 from .loader import STRENGTH
 from .outputs import MODEL_FOLDER, listed_name, named_output
@@ -31,7 +33,7 @@ def parse_more_adapters(text: str) -> list[tuple[str, float]]:
         if not line or line.startswith("#"):
             continue
         name, strength = parse_adapter_arg(line)
-        path = folder_paths.get_full_path("loras", name.strip())
+        path = folder_paths.get_full_path(ADAPTER_FOLDER, name.strip())
         if path is None:
             raise AdapterError(f"more_adapters: {name.strip()!r} is not a file in the loras folders")
         adapters.append((path, strength))
