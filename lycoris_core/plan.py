@@ -153,20 +153,24 @@ def _split_weights(weights: Mapping[str, tuple], arch: Architecture) -> dict[str
     for name, parts in groups.items():
         count = len(next(iter(parts.values()))[2].sizes)
         if sorted(parts) != list(range(count)) or len({shape[1:] for _, shape, _ in parts.values()}) != 1:
-            continue
+            continue  # a part missing, or parts of different widths: not the pieces of one fused weight
         fused_shape = (sum(shape[0] for _, shape, _ in parts.values()), *parts[0][1][1:])
         targets, offset = [], 0
-        try:
-            for i in range(count):
-                key, shape, part = parts[i]
-                if part.rows(fused_shape) != (offset, shape[0]):
-                    raise AdapterError("parts do not tile the fused weight")
-                targets.append(Target(key, None, (offset, shape[0])))
-                offset += shape[0]
-        except AdapterError:
-            continue
+        for i in range(count):
+            key, shape, _ = parts[i]
+            targets.append(Target(key, None, (offset, shape[0])))
+            offset += shape[0]
+        if any(_rows_in(parts[i][2], fused_shape) != t.source_rows for i, t in enumerate(targets)):
+            continue  # sizes the architecture's fused weight would not have (e.g. unequal q/k/v)
         splits[name] = _Split(name, tuple(targets))
     return splits
+
+
+def _rows_in(part: Slice, fused_shape: tuple) -> tuple[int, int] | None:
+    try:
+        return part.rows(fused_shape)
+    except AdapterError:
+        return None
 
 
 def build_name_index(weight_shapes: Mapping[str, tuple], arch: Architecture | None) -> dict[str, object]:

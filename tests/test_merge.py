@@ -374,6 +374,18 @@ def test_fused_dora_onto_split_weights_is_listed_unmatched(tmp_path, write_safet
         assert torch.equal(merged[key], base[key])
 
 
+def test_parts_that_cannot_be_one_fused_weight_are_not_split(tmp_path, write_safetensors):
+    """q, k, v of unequal heights are not the thirds of ComfyUI's qkv: the fused module matches nothing."""
+    gen = torch.Generator().manual_seed(10)
+    stem, other = "diffusion_model.layers.0.attention.qkv", "diffusion_model.layers.0.attention.out"
+    adapter = write_safetensors({f"{stem}.lokr_w1": torch.randn(2, 2, generator=gen), f"{stem}.lokr_w2": torch.randn(14, 5, generator=gen),
+                                 f"{other}.lokr_w1": torch.randn(2, 2, generator=gen), f"{other}.lokr_w2": torch.randn(5, 5, generator=gen)})
+    base = _split_zimage_base(gen)
+    base["layers.0.attention.to_k.weight"] = torch.randn(8, 10, generator=gen)
+    _, _, result = run_merge(tmp_path, base, [(adapter, 1.0)], architecture="z_image")
+    assert list(result.plans[0].unmatched) == [stem]
+
+
 def test_a_fused_weight_the_model_has_is_not_split(tmp_path, write_safetensors):
     """Parts present next to their fused weight: the fused name means the fused weight."""
     gen = torch.Generator().manual_seed(9)
