@@ -378,8 +378,10 @@ def test_parts_that_cannot_be_one_fused_weight_are_not_split(tmp_path, write_saf
     """q, k, v of unequal heights are not the thirds of ComfyUI's qkv: the fused module matches nothing."""
     gen = torch.Generator().manual_seed(10)
     stem, other = "diffusion_model.layers.0.attention.qkv", "diffusion_model.layers.0.attention.out"
-    adapter = write_safetensors({f"{stem}.lokr_w1": torch.randn(2, 2, generator=gen), f"{stem}.lokr_w2": torch.randn(14, 5, generator=gen),
-                                 f"{other}.lokr_w1": torch.randn(2, 2, generator=gen), f"{other}.lokr_w2": torch.randn(5, 5, generator=gen)})
+    adapter = write_safetensors({
+        f"{stem}.lokr_w1": torch.randn(2, 2, generator=gen), f"{stem}.lokr_w2": torch.randn(14, 5, generator=gen),
+        f"{other}.lokr_w1": torch.randn(2, 2, generator=gen), f"{other}.lokr_w2": torch.randn(5, 5, generator=gen),
+    })
     base = _split_zimage_base(gen)
     base["layers.0.attention.to_k.weight"] = torch.randn(8, 10, generator=gen)
     _, _, result = run_merge(tmp_path, base, [(adapter, 1.0)], architecture="z_image")
