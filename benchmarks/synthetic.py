@@ -78,31 +78,28 @@ def fill(shape: tuple[int, ...], dtype: torch.dtype, device="cpu") -> torch.Tens
     return out.view(shape)
 
 
-def wan_lokr_adapter(blocks: int, rank: int, dim: int = WAN14B_DIM, ffn: int = WAN14B_FFN,
-                     seed: int = 0) -> dict[str, torch.Tensor]:
-    """A Musubi-format LoKr file's tensors for `blocks` Wan blocks (Musubi's full/low-rank rule)."""
+def _wan_adapter(blocks: int, rank: int, dim: int, ffn: int, module_tensors, dtype, seed: int) -> dict[str, torch.Tensor]:
+    """A Musubi-format file's tensors for `blocks` Wan blocks, `module_tensors(shape, rank, generator)` per layer."""
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for n in range(blocks):
         for layer, shape in wan_block_layers(dim, ffn):
             stem = f"lora_unet_blocks_{n}_{layer.replace('.', '_')}"
-            for name, t in lokr_tensors(shape, rank, generator=generator).items():
-                tensors[f"{stem}.{name}"] = t
+            for name, t in module_tensors(shape, rank, generator=generator).items():
+                tensors[f"{stem}.{name}"] = t.to(dtype)
             tensors[f"{stem}.alpha"] = torch.tensor(float(rank) / 2)
     return tensors
+
+
+def wan_lokr_adapter(blocks: int, rank: int, dim: int = WAN14B_DIM, ffn: int = WAN14B_FFN,
+                     seed: int = 0) -> dict[str, torch.Tensor]:
+    """A Musubi-format LoKr file for `blocks` Wan blocks (Musubi's full/low-rank rule)."""
+    return _wan_adapter(blocks, rank, dim, ffn, lokr_tensors, torch.float32, seed)
 
 
 def wan_loha_adapter(blocks: int, rank: int, dim: int = WAN14B_DIM, ffn: int = WAN14B_FFN,
                      dtype=torch.float32, seed: int = 0) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for n in range(blocks):
-        for layer, shape in wan_block_layers(dim, ffn):
-            stem = f"lora_unet_blocks_{n}_{layer.replace('.', '_')}"
-            for name, t in loha_tensors(shape, rank, generator=generator).items():
-                tensors[f"{stem}.{name}"] = t.to(dtype)
-            tensors[f"{stem}.alpha"] = torch.tensor(float(rank) / 2)
-    return tensors
+    return _wan_adapter(blocks, rank, dim, ffn, loha_tensors, dtype, seed)
 
 
 def musubi_metadata(algorithm: str, rank: int) -> dict[str, str]:
