@@ -89,15 +89,15 @@ def contenders(config: Config, weight: torch.Tensor, methods: list[str], device:
     tensors, alpha = config.factors()
     t = {k: v.to(device) for k, v in tensors.items()}
     mod = synthetic.module(config.algorithm, t, alpha)
-    factor = STRENGTH * mod.scale
+    factor = STRENGTH * mod.record.scale
     fns = {}
     for method in methods:
         if method == "ours":
-            fns[method] = lambda w, mod=mod, t=t: mod.apply_(w, STRENGTH, tensors=t)
+            fns[method] = lambda w, mod=mod: mod.apply_(w, STRENGTH)
         elif method == "naive":
             fns[method] = lambda w, t=t: w.add_(_naive_delta(config.kind, t).mul_(factor).to(w.dtype))
         elif method == "lycoris":
-            fns[method] = _lycoris_fn(config, t, alpha, mod.scale)
+            fns[method] = _lycoris_fn(config, t, alpha, mod.record.scale)
         elif method == "comfyui":
             fns[method] = _comfy_fn(config, t, alpha, device)
         elif method == "floor":

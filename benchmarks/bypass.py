@@ -1,7 +1,7 @@
 """Case 2: bypass (the weight untouched, the adapter added to the layer's output) at inference.
 
 Contenders per shape, all timed in one interleaved group: the bare Linear `F.linear(x, W)`, ours
-`ModuleAdapter.bypass_forward` for LoKr (low-rank and full w2) and LoHa (rank 16 and 32), and for
+`BoundModule.bypass_forward` for LoKr (low-rank and full w2) and LoHa (rank 16 and 32), and for
 LoHa the form that builds ΔW on every call (what ComfyUI's LoHa bypass does): `F.linear(x, W) +
 F.linear(x, s·ΔW)`. Overhead = ours / bare − 1.
 """
@@ -31,7 +31,7 @@ def _module(algorithm: str, kind: str | None, rank: int, shape, device, dtype):
     else:
         tensors = synthetic.lokr_tensors(shape, rank, kind == "full", generator)
     tensors = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
-    return synthetic.module(algorithm, tensors, rank / 2), tensors
+    return synthetic.module(algorithm, tensors, rank / 2, dtype=dtype), tensors
 
 
 def run(shapes: dict[str, tuple[int, int]], tokens: int, runs: int, device: torch.device, dtype: torch.dtype,
@@ -50,17 +50,17 @@ def run(shapes: dict[str, tuple[int, int]], tokens: int, runs: int, device: torc
         fns = {"bare": lambda: base(x)}
         for label, algorithm, kind, rank in VARIANTS:
             mod, t = _module(algorithm, kind, rank, shape, device, dtype)
-            fns[label] = lambda mod=mod, t=t: mod.bypass_forward(x, base, STRENGTH, tensors=t)
+            fns[label] = lambda mod=mod: mod.bypass_forward(x, base, STRENGTH)
             if algorithm == "loha":
                 fns[label + " build ΔW"] = lambda mod=mod, t=t: base(x) + F.linear(
-                    x, mod.delta_weight(dtype, t).mul_(STRENGTH))
+                    x, mod.delta_weight(dtype).mul_(STRENGTH))
         with torch.no_grad():
             # warm-up, and a check that ours equals W·x + s·ΔW·x
             reference_base = base(x).float()
             notes = {}
             for label, algorithm, kind, rank in VARIANTS:
                 mod, t = _module(algorithm, kind, rank, shape, device, dtype)
-                delta = mod.delta_weight(torch.float32, {k: v.float() for k, v in t.items()})
+                delta = synthetic.module(algorithm, t, rank / 2).delta_weight(torch.float32)
                 expected = reference_base + F.linear(x.float(), delta) * STRENGTH
                 got = fns[label]().float()
                 err = ((got - expected).abs().max() / expected.abs().max()).item()

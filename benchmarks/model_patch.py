@@ -88,7 +88,7 @@ def worker(params: dict) -> dict:
             adapter = read_adapter(path)
             plan = make_plan(adapter, shapes, "auto")
             for p in plan.patches:
-                p.module.apply_(base[p.target.key], STRENGTH)
+                p.module.bind().apply_(base[p.target.key], STRENGTH)
             return plan
 
         gc.collect()

@@ -11,10 +11,10 @@ import os
 
 import torch
 
-from ..lycoris_core.adapter_file import ModuleAdapter
 from ..lycoris_core.algorithms import ALGORITHMS
+from ..lycoris_core.module import BoundModule, ModuleAdapter
 from ..lycoris_core.safetensors_io import SafetensorsWriter, TensorEntry, save_tensors
-from ..lycoris_core.training.modules import factorization
+from ..lycoris_core.algorithms.lokr import factorization
 
 # name -> (out, in) of a Linear weight
 SHAPES = {
@@ -58,11 +58,16 @@ def loha_tensors(shape: tuple[int, int], rank: int, generator=None) -> dict[str,
     }
 
 
-def module(algorithm: str, tensors: dict[str, torch.Tensor], alpha: float | None, stem: str = "bench") -> ModuleAdapter:
-    """A ModuleAdapter over in-memory tensors: the same object `read_adapter` builds from a file."""
+def module(algorithm: str, tensors: dict[str, torch.Tensor], alpha: float | None, stem: str = "bench",
+           dtype: torch.dtype = torch.float32) -> BoundModule:
+    """The module `read_adapter` would make of these tensors, bound to them (in `dtype`)."""
+    math = ALGORITHMS[algorithm]
     params = {name: TensorEntry(f"{stem}.{name}", t.dtype, tuple(t.shape)) for name, t in tensors.items()}
-    by_key = {params[name].name: t for name, t in tensors.items()}
-    return ModuleAdapter(stem, ALGORITHMS[algorithm], params, alpha, by_key.__getitem__)
+    shapes = {name: entry.shape for name, entry in params.items()}
+    rank = math.rank(shapes)
+    scale = 1.0 if alpha is None or rank is None else alpha / rank
+    record = ModuleAdapter(stem, math, params, alpha, scale, tuple(math.weight_shape(shapes)), rank)
+    return BoundModule(record, tensors, dtype=dtype)
 
 
 def fill(shape: tuple[int, ...], dtype: torch.dtype, device="cpu") -> torch.Tensor:

@@ -28,6 +28,7 @@ from ..lycoris_core.architectures import (
     match_template,
 )
 from ..lycoris_core.errors import AdapterError
+from ..lycoris_core.rows import Rows
 
 # Key-family prefixes, tried before any other split of a stem (longest first where they nest).
 FAMILY_PREFIXES = (
@@ -51,8 +52,8 @@ class Partition:
     names: tuple[str, ...]  # dotted module path of each part, in row order
     sizes: tuple[str, ...]  # size rules of `Slice` ("third", "in", "rest")
 
-    def rows(self, weight: str, fused_shape: tuple) -> list[tuple[int, int]]:
-        """(offset, size) of every part in the fused weight `weight` of this shape."""
+    def rows(self, weight: str, fused_shape: tuple) -> list[Rows]:
+        """The rows of every part in the fused weight `weight` of this shape."""
         return [Slice(weight, i, self.sizes).rows(fused_shape) for i in range(len(self.names))]
 
 

@@ -15,6 +15,9 @@ s·ΔW exactly as it was:
 - LoKr: kron(w1, w2) cannot be stacked exactly, so LoKr is never fused; it is split only when every
   part starts and ends on a row block of w2 (then each part is kron(rows of w1, w2)).
 
+Which tensors hold which rows is each algorithm's own fact (`Algorithm.layout`); nothing here names
+an algorithm.
+
 Nothing is read here at planning time except the row factors of a module about to be split (to see
 the block structure); every output tensor is described by a `TensorSpec` whose `make()` builds it
 when the writer gets to it.
@@ -28,7 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..lycoris_core.adapter_file import ModuleAdapter
+from ..lycoris_core.algorithms import ShapeError
+from ..lycoris_core.module import ALPHA, BIAS, DORA, ModuleAdapter
+from ..lycoris_core.rows import Rows
 
 
 class Inexact(Exception):
@@ -65,44 +70,28 @@ class Source:
         return TensorSpec(entry.dtype, tuple(entry.shape), lambda: self.load(entry.name), self.position[entry.name])
 
     def module(self, module: ModuleAdapter) -> ModuleSpec:
-        return ModuleSpec(module.algorithm_name, {name: self.spec(module, name) for name in module.params})
+        return ModuleSpec(module.algorithm, {name: self.spec(module, name) for name in module.params})
 
 
-@dataclass(frozen=True)
-class Stacking:
-    """How an algorithm's tensors line up with ΔW's rows."""
-
-    pairs: tuple[tuple[str, str], ...] = ()  # (row factor (out, r), rank factor (r, in)); pairs[0] sets the rank
-    rows: tuple[str, ...] = ()  # tensors whose dim 0 is ΔW's rows (diff and its bias)
-
-
-STACKINGS = {
-    "lora": Stacking(pairs=(("up", "down"),)),
-    "loha": Stacking(pairs=(("hada_w1_a", "hada_w1_b"), ("hada_w2_a", "hada_w2_b"))),
-    "diff": Stacking(rows=("diff", "diff_b")),
-}
-COMMON = ("alpha", "dora_scale")
-
-
-def _check_stackable(module: ModuleAdapter) -> Stacking:
-    stacking = STACKINGS.get(module.algorithm_name)
-    if stacking is None:
-        raise Inexact("LoKr (a Kronecker product) cannot be stacked exactly")
-    known = {name for pair in stacking.pairs for name in pair} | set(stacking.rows) | set(COMMON)
-    extra = sorted(set(module.params) - known)
-    if extra:
-        raise Inexact(f"module {module.stem} has {', '.join(extra)} (Tucker cores cannot be regrouped)")
-    for a, b in stacking.pairs:
-        if len(module.params[a].shape) != 2 or len(module.params[b].shape) != 2:
+def _row_tensors(module: ModuleAdapter) -> dict[str, int]:
+    """Every tensor of `module` whose dim 0 runs along ΔW's rows, with the ΔW rows per tensor row;
+    raises Inexact when the module's rows cannot be regrouped."""
+    layout = module.math.layout
+    shapes = {name: entry.shape for name, entry in module.params.items()}
+    try:
+        rows = layout.row_tensors(shapes)
+    except ShapeError as e:
+        raise Inexact(f"module {module.stem}: {e}") from None
+    for a, b in layout.rank_pairs:
+        if len(shapes[a]) != 2 or len(shapes[b]) != 2:
             raise Inexact(f"module {module.stem} is not a Linear adapter (its factors are not 2-D)")
-    return stacking
-
-
-def _check_dora(module: ModuleAdapter) -> None:
-    if module.has_dora:
-        shape = tuple(module.params["dora_scale"].shape)
-        if not (shape[0] == module.shape[0] and math.prod(shape) == module.shape[0]):
+    if BIAS in shapes:
+        rows[BIAS] = 1
+    if DORA in shapes:
+        if not (shapes[DORA][0] == module.shape[0] and math.prod(shapes[DORA]) == module.shape[0]):
             raise Inexact(f"module {module.stem}: DoRA with a per-input-column magnitude spans every row")
+        rows[DORA] = 1
+    return rows
 
 
 def _alpha_spec(value: float, dtype: torch.dtype, order: int) -> TensorSpec:
@@ -127,30 +116,36 @@ def _common_dtype(specs: list[TensorSpec]) -> torch.dtype:
 # Fuse
 
 
-def fuse(parts: list[ModuleAdapter | None], sizes: list[int], source: Source) -> ModuleSpec:
-    """One module whose ΔW rows are the parts' ΔW rows in order (a missing part adds zero rows)."""
+def _check_fusable(parts: list[ModuleAdapter | None]) -> list[ModuleAdapter]:
+    """The parts present, after checking that one stacked module can hold them exactly."""
     present = [p for p in parts if p is not None]
-    algorithms = sorted({p.algorithm_name for p in present})
+    algorithms = sorted({p.algorithm for p in present})
     if len(algorithms) > 1:
         raise Inexact(f"the parts mix {' and '.join(algorithms)}")
-    stacking = _check_stackable(present[0])
-    for p in present[1:]:
-        _check_stackable(p)
+    refusal = present[0].math.layout.cannot_stack
+    if refusal:
+        raise Inexact(refusal)
+    rows = [_row_tensors(p) for p in present]
+    if len({frozenset(r) for r in rows}) > 1:
+        raise Inexact("the parts carry different tensors: " + ", ".join(f"{p.stem}: {', '.join(sorted(p.params))}" for p in present))
     if len({p.shape[1:] for p in present}) > 1:
         raise Inexact("the parts have different input sizes: " + ", ".join(f"{p.stem} {list(p.shape)}" for p in present))
-    scales = {p.scale for p in present}
-    if len(scales) > 1:
+    if len({p.scale for p in present}) > 1:
         raise Inexact(
             "their scales differ (" + ", ".join(f"{p.stem}: {p.scale:g}" for p in present)
             + ") and a fused module has one scale"
         )
-    with_dora = [p for p in present if p.has_dora]
-    if with_dora and len(with_dora) != len(parts):
+    if any(p.has_dora for p in present) and not all(p is not None and p.has_dora for p in parts):
         raise Inexact("only some parts carry DoRA magnitudes (a missing one cannot be made up)")
-    for p in with_dora:
-        _check_dora(p)
+    return present
 
-    in_shape = present[0].shape[1:]
+
+def fuse(parts: list[ModuleAdapter | None], sizes: list[int], source: Source) -> ModuleSpec:
+    """One module whose ΔW rows are the parts' ΔW rows in order (a missing part adds zero rows)."""
+    present = _check_fusable(parts)
+    first = present[0]
+    layout = first.math.layout
+    row_tensors = _row_tensors(first)
     order = min(source.spec(p, n).order for p in present for n in p.params)
     params: dict[str, TensorSpec] = {}
 
@@ -160,7 +155,7 @@ def fuse(parts: list[ModuleAdapter | None], sizes: list[int], source: Source) ->
         params[name] = TensorSpec(dtype, shape, lambda: build([s.make().to(dtype) if s else None for s in specs], dtype), order)
 
     rank = None
-    for a, b in stacking.pairs:
+    for a, b in layout.rank_pairs:
         ranks = [p.params[b].shape[0] if p is not None else 0 for p in parts]
         rank = rank if rank is not None else sum(ranks)
 
@@ -171,114 +166,90 @@ def fuse(parts: list[ModuleAdapter | None], sizes: list[int], source: Source) ->
             return torch.cat([t for t in tensors if t is not None], dim=0)
 
         stacked(a, block_diag, (sum(sizes), sum(ranks)))
-        stacked(b, cat, (sum(ranks), *in_shape))
-    for name in stacking.rows:
-        if not any(p is not None and name in p.params for p in parts):
+        stacked(b, cat, (sum(ranks), *first.params[b].shape[1:]))
+    paired = {a for a, _ in layout.rank_pairs}
+    for name in row_tensors:
+        if name in paired:
             continue
-        if not all(p is None or name in p.params for p in parts):
-            raise Inexact(f"only some parts carry {name}")
-        tail = tuple(present[0].params[name].shape[1:])
+        tail = tuple(first.params[name].shape[1:])
 
         def rows(tensors, dtype, tail=tail):
             return torch.cat([t if t is not None else torch.zeros(size, *tail, dtype=dtype) for t, size in zip(tensors, sizes)])
 
         stacked(name, rows, (sum(sizes), *tail))
-    if with_dora:
-        tail = tuple(present[0].params["dora_scale"].shape[1:])
-        stacked("dora_scale", lambda ts, dtype: torch.cat(ts), (sum(sizes), *tail))
 
-    scale = scales.pop()
+    scale = first.scale
     alphas = [p for p in present if p.alpha is not None]
-    if rank is None:  # diff: no rank to put a scale on
+    if rank is None:  # no rank to put a scale on (full differences)
         if scale != 1.0:
             raise Inexact(f"full-weight differences with scale {scale:g} cannot be fused")
     elif alphas or scale != 1.0:
         # scale × fused rank, from one part's own numbers: for equal ranks this is (parts × alpha).
-        first = alphas[0]
-        value = first.alpha * (rank / first.rank)
-        params["alpha"] = _alpha_spec(value, first.params["alpha"].dtype, order)
-    return ModuleSpec(algorithms[0], params)
+        one = alphas[0]
+        params[ALPHA] = _alpha_spec(one.alpha * (rank / one.rank), one.params[ALPHA].dtype, order)
+    return ModuleSpec(first.algorithm, params)
 
 
 # ---------------------------------------------------------------------------------------------
 # Split
 
 
-def split(module: ModuleAdapter, rows: list[tuple[int, int]], source: Source) -> list[ModuleSpec]:
-    """One module per row range (offset, size) of `module`'s ΔW, together exactly `module`."""
-    if module.algorithm_name == "lokr":
-        return _split_kron(module, rows, source)
-    stacking = _check_stackable(module)
-    _check_dora(module)
-    blocks = _rank_blocks(module, stacking, rows, source)
+def split(module: ModuleAdapter, rows: list[Rows], source: Source) -> list[ModuleSpec]:
+    """One module per row range of `module`'s ΔW, together exactly `module`."""
+    row_tensors = _row_tensors(module)
+    for name, unit in row_tensors.items():
+        if any(r.start % unit or r.stop % unit for r in rows):
+            raise Inexact(
+                f"its {name} comes in blocks of {unit} rows of ΔW, which do not line up with the "
+                f"parts' rows {[str(r) for r in rows]}"
+            )
+    layout = module.math.layout
+    blocks = _rank_blocks(module, layout.rank_pairs, rows, source)
     out = []
-    for i, (offset, size) in enumerate(rows):
-        params: dict[str, TensorSpec] = {}
-        for a, b in stacking.pairs:
-            cols = blocks[a][i] if blocks else None
-            params[a] = _cut(source.spec(module, a), offset, size, cols)
-            params[b] = source.spec(module, b) if cols is None else _cut(source.spec(module, b), *cols)
-        for name in (*stacking.rows, "dora_scale"):
-            if name in module.params:
-                params[name] = _cut(source.spec(module, name), offset, size)
-        if "alpha" in module.params:
-            alpha = source.spec(module, "alpha")
-            if blocks:
-                # the part keeps its share of the rank: alpha shrinks with it so alpha/rank stays
-                share = blocks[stacking.pairs[0][0]][i][1] / module.rank
-                params["alpha"] = _alpha_spec(module.alpha * share, alpha.dtype, alpha.order)
-            else:
-                params["alpha"] = alpha
-        out.append(ModuleSpec(module.algorithm_name, params))
+    for i, part in enumerate(rows):
+        params = {name: source.spec(module, name) for name in module.params}
+        for name, unit in row_tensors.items():
+            params[name] = _cut(params[name], Rows(part.start // unit, part.stop // unit))
+        if blocks:
+            for a, b in layout.rank_pairs:
+                cols = blocks[a][i]
+                params[a] = _cut(source.spec(module, a), part, cols)
+                params[b] = _cut(source.spec(module, b), cols)
+        if ALPHA in module.params and blocks:
+            # the part keeps its share of the rank: alpha shrinks with it so alpha/rank stays
+            alpha = source.spec(module, ALPHA)
+            share = blocks[layout.rank_pairs[0][0]][i].size / module.rank
+            params[ALPHA] = _alpha_spec(module.alpha * share, alpha.dtype, alpha.order)
+        out.append(ModuleSpec(module.algorithm, params))
     return out
 
 
-def _cut(spec: TensorSpec, offset: int, size: int, cols: tuple[int, int] | None = None) -> TensorSpec:
-    """Rows offset..offset+size (and columns, if given) of a tensor."""
-    shape = (size, *spec.shape[1:]) if cols is None else (size, cols[1], *spec.shape[2:])
+def _cut(spec: TensorSpec, rows: Rows, cols: Rows | None = None) -> TensorSpec:
+    """Some rows (and columns, if given) of a tensor."""
+    shape = (rows.size, *spec.shape[1:]) if cols is None else (rows.size, cols.size, *spec.shape[2:])
 
     def make():
-        t = spec.make()[offset : offset + size]
-        return t if cols is None else t[:, cols[0] : cols[0] + cols[1]]
+        t = rows.of(spec.make())
+        return t if cols is None else t[:, cols.start : cols.stop]
 
     return TensorSpec(spec.dtype, shape, make, spec.order)
 
 
-def _rank_blocks(module, stacking, rows, source) -> dict[str, list[tuple[int, int]]] | None:
-    """Per row factor, the rank columns (start, count) of each part, if every row factor is block-
-    diagonal in equal blocks (part i's rows zero outside block i); else None (every part keeps all)."""
+def _rank_blocks(module, rank_pairs, rows: list[Rows], source) -> dict[str, list[Rows]] | None:
+    """Per row factor, the rank columns of each part, if every row factor is block-diagonal in equal
+    blocks (part i's rows zero outside block i); else None (every part keeps all)."""
     n = len(rows)
     blocks = {}
-    for a, _ in stacking.pairs:
+    for a, _ in rank_pairs:
         rank = module.params[a].shape[1]
         if rank == 0 or rank % n:
             return None
         width = rank // n
         factor = source.load(module.params[a].name)
-        for i, (offset, size) in enumerate(rows):
-            part = factor[offset : offset + size]
-            outside = torch.cat([part[:, : i * width], part[:, (i + 1) * width :]], dim=1)
+        for i, part in enumerate(rows):
+            block = part.of(factor)
+            outside = torch.cat([block[:, : i * width], block[:, (i + 1) * width :]], dim=1)
             if outside.numel() and bool(outside.ne(0).any()):
                 return None
-        blocks[a] = [(i * width, width) for i in range(n)]
-    return blocks
-
-
-def _split_kron(module: ModuleAdapter, rows: list[tuple[int, int]], source: Source) -> list[ModuleSpec]:
-    params = module.params
-    w2_rows = (params["lokr_w2"] if "lokr_w2" in params else params["lokr_w2_a"]).shape[0]
-    if any(offset % w2_rows or size % w2_rows for offset, size in rows):
-        raise Inexact(
-            f"its Kronecker product comes in blocks of {w2_rows} rows, which do not line up with the "
-            f"parts' rows {[list(r) for r in rows]}"
-        )
-    _check_dora(module)
-    w1 = "lokr_w1" if "lokr_w1" in params else "lokr_w1_a"
-    out = []
-    for offset, size in rows:
-        parts = {name: source.spec(module, name) for name in params}
-        parts[w1] = _cut(parts[w1], offset // w2_rows, size // w2_rows)
-        if "dora_scale" in parts:
-            parts["dora_scale"] = _cut(parts["dora_scale"], offset, size)
-        out.append(ModuleSpec("lokr", parts))
-    return out
+        blocks[a] = [Rows(i * width, (i + 1) * width) for i in range(n)]
+    return blocks or None

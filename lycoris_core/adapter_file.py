@@ -14,183 +14,19 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 
-from . import dora
 from .algorithms import ALGORITHMS, SUFFIX_INDEX, Algorithm, ShapeError
 from .architectures import detect_file_architecture, refine_format
 from .errors import AdapterError
 from .finite import count_nonfinite, describe_nonfinite
+from .module import ALPHA, BIAS, DORA, ModuleAdapter, TensorSource
 from .safetensors_io import PICKLE_SUFFIXES, SafetensorsReader, TensorEntry, dtype_name, load_pickle_tensors
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _SUFFIXES_LONGEST_FIRST = sorted(SUFFIX_INDEX, key=len, reverse=True)
-
-TensorLoader = Callable[[str], torch.Tensor]
-
-
-@dataclass
-class ModuleAdapter:
-    """One adapted module: its tensors (by canonical name), alpha and the math on them."""
-
-    stem: str
-    algorithm: Algorithm
-    params: dict[str, TensorEntry]  # canonical name -> the file's key, dtype and shape
-    alpha: float | None
-    load: TensorLoader = field(repr=False)  # file key -> tensor
-    # When set, LoKr modules with both factors full use alpha / this instead of scale 1 (SPEC §2 override).
-    full_matrix_dim: float | None = None
-
-    def __post_init__(self) -> None:
-        shapes = {name: entry.shape for name, entry in self.params.items()}
-        self.shape: tuple = tuple(self.algorithm.weight_shape(shapes))
-        self.rank: int | None = self.algorithm.rank(shapes)
-
-    @property
-    def algorithm_name(self) -> str:
-        return self.algorithm.name
-
-    @property
-    def scale(self) -> float:
-        if self.alpha is None:
-            return 1.0
-        if self.rank is None:
-            # Full matrices (LoKr with w1 and w2 full, diffs) have no rank to divide by.
-            return self.alpha / self.full_matrix_dim if self.full_matrix_dim else 1.0
-        return self.alpha / self.rank
-
-    @property
-    def has_dora(self) -> bool:
-        return "dora_scale" in self.params
-
-    @property
-    def has_bias_delta(self) -> bool:
-        return self.algorithm.bias_param is not None and self.algorithm.bias_param in self.params
-
-    @property
-    def keys(self) -> list[str]:
-        return [entry.name for entry in self.params.values()]
-
-    def tensors(self, device: torch.device | str | None = None, dtype=torch.float32) -> dict[str, torch.Tensor]:
-        """The module's tensors, converted once to `dtype` (fp32 for all math) on `device`."""
-        return {
-            name: self.load(entry.name).to(device=device, dtype=dtype)
-            for name, entry in self.params.items()
-            if name != "alpha"
-        }
-
-    def loaded(self, device: torch.device | str | None = None, dtype=torch.float32) -> "ModuleAdapter":
-        """A copy holding its tensors in memory (for repeated use, e.g. bypass hooks)."""
-        cache = {self.params[name].name: t for name, t in self.tensors(device, dtype).items()}
-        return ModuleAdapter(self.stem, self.algorithm, self.params, self.alpha, cache.__getitem__, self.full_matrix_dim)
-
-    def delta_weight(self, dtype=torch.float32, tensors: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """s·ΔW at strength 1, shape `self.shape`, computed in fp32 and cast once to `dtype`."""
-        t = tensors if tensors is not None else self.tensors()
-        return (self.algorithm.delta_weight(t).reshape(self.shape) * self.scale).to(dtype)
-
-    def delta_bias(self, tensors: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor | None:
-        t = tensors if tensors is not None else self.tensors()
-        bias = self.algorithm.delta_bias(t)
-        return None if bias is None else bias * self.scale
-
-    def apply_(
-        self,
-        weight: torch.Tensor,
-        strength: float = 1.0,
-        tensors: Mapping[str, torch.Tensor] | None = None,
-        rows: tuple[int, int] | None = None,
-    ) -> None:
-        """In place: weight = weight + m·s·ΔW (with DoRA, as LyCORIS's forward). fp32 math, one cast.
-
-        `weight` is the whole target (which may itself be a row slice of a fused weight), or with
-        `rows=(start, stop)` just rows start..stop of it, for callers that work in row blocks.
-        """
-        t = tensors if tensors is not None else self.tensors(device=weight.device)
-        if rows is None:
-            self._check_target(tuple(weight.shape))
-            target, start, stop = weight.view(self.shape), 0, self.shape[0]
-        else:
-            start, stop = rows
-            if not (0 <= start < stop <= self.shape[0]) or weight.shape[0] != stop - start:
-                raise AdapterError(f"module {self.stem}: rows {start}:{stop} do not fit a block of {weight.shape[0]} rows")
-            target = weight.view(stop - start, *self.shape[1:])
-        whole = (start, stop) == (0, self.shape[0])
-        if not self.has_dora:
-            self.algorithm.apply_(target, t, strength * self.scale, start, stop)
-            return
-        dora_scale = t["dora_scale"]
-        if dora.on_output_axis(dora_scale, self.shape):
-            dora_scale = dora_scale.reshape(-1)[start:stop].reshape(stop - start, *[1] * (len(self.shape) - 1))
-        elif not whole:
-            raise AdapterError(f"module {self.stem}: DoRA with per-input-column magnitude needs the whole weight at once")
-        work = target if target.dtype == torch.float32 else target.float()
-        self.algorithm.apply_(work, t, self.scale, start, stop)
-        work.mul_(dora.rescale_factor(work, dora_scale, strength))
-        if work is not target:
-            target.copy_(work)
-
-    def bypass_delta(self, x: torch.Tensor, strength: float = 1.0, tensors: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """m·s·ΔW·x for a Linear target, without building ΔW where that is cheaper (DoRA not included)."""
-        t = tensors if tensors is not None else self.tensors(device=x.device, dtype=x.dtype)
-        return self.algorithm.bypass_delta(x, t, strength * self.scale)
-
-    def dora_rescale(self, weight: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
-        """DoRA's multiplier of W + s·ΔW for this weight (one value per row or per column).
-
-        Needs the full weight once; bypass callers compute it when the hook is set up.
-        """
-        self._check_target(tuple(weight.shape))
-        t = self.tensors(device=weight.device)
-        adapted = weight.detach().float().reshape(self.shape).clone()
-        self.algorithm.apply_(adapted, t, self.scale, 0, self.shape[0])
-        return dora.rescale_factor(adapted, t["dora_scale"], strength)
-
-    def bypass_forward(
-        self,
-        x: torch.Tensor,
-        base_forward: Callable[[torch.Tensor], torch.Tensor],
-        strength: float = 1.0,
-        bias: torch.Tensor | None = None,
-        rescale: torch.Tensor | None = None,
-        tensors: Mapping[str, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """The adapted Linear's output from the base layer's forward, without changing its weight.
-
-        DoRA modules need `rescale` (from `dora_rescale`) and the layer's `bias`, since DoRA scales
-        W·x but not the bias.
-        """
-        if not self.has_dora:
-            return base_forward(x) + self.bypass_delta(x, strength, tensors)
-        if rescale is None:
-            raise AdapterError(f"module {self.stem}: DoRA in bypass mode needs the rescale from dora_rescale()")
-        factor = rescale.to(x.dtype)
-        if factor.shape[0] == self.shape[0] and factor.numel() == self.shape[0]:  # per output row
-            y = base_forward(x)
-            if bias is not None:
-                y = y - bias
-            y = (y + self.bypass_delta(x, 1.0, tensors)) * factor.reshape(-1)
-            return y if bias is None else y + bias
-        scaled = x * factor.reshape(-1)  # per input column: (W + sΔW)·(c ⊙ x)
-        return base_forward(scaled) + self.bypass_delta(scaled, 1.0, tensors)
-
-    def _check_target(self, shape: tuple) -> None:
-        if shape != self.shape and not (
-            shape[:1] == self.shape[:1] and math.prod(shape) == math.prod(self.shape)
-        ):
-            raise AdapterError(
-                f"module {self.stem}: {self.algorithm.name} produces shape {list(self.shape)} "
-                f"but the target weight has shape {list(shape)}"
-            )
-
-    def fits(self, shape: tuple) -> bool:
-        try:
-            self._check_target(tuple(shape))
-        except AdapterError:
-            return False
-        return True
 
 
 @dataclass
@@ -204,13 +40,16 @@ class AdapterFile:
     tensors: dict[str, TensorEntry]  # every tensor in the file, in file order
     size: int
     problems: list[str] = field(default_factory=list)
-    load: TensorLoader = field(default=None, repr=False)
+    load: TensorSource = field(default=None, repr=False)
 
     def nonfinite_counts(self) -> dict[str, int]:
-        """Non-finite values per tensor key (reads every tensor once, one at a time)."""
+        """Non-finite values per tensor key (reads every tensor once, one at a time). Alphas are not
+        counted: one the scale needs was checked when the file was read, and some writers store an
+        alpha their convention ignores (ai-toolkit's full-rank LoKr: 9999999999, inf in fp16)."""
         counts = {}
         for module in self.modules.values():
-            for key in module.keys:
+            for name in module.tensor_names:
+                key = module.params[name].name
                 bad = count_nonfinite(self.load(key))
                 if bad:
                     counts[key] = bad
@@ -223,17 +62,30 @@ class AdapterFile:
             raise AdapterError(f"{self.path}: {describe_nonfinite(counts)}")
 
 
-def split_key(key: str) -> tuple[str, str | None, str] | None:
-    """'stem.suffix' -> (stem, algorithm name or None, canonical name); None if no suffix is known."""
+def split_key(key: str) -> tuple[str, str | None, str, str | None] | None:
+    """'stem.suffix' -> (stem, algorithm name or None, canonical name, PEFT adapter name or None).
+
+    PEFT's raw state dicts name the adapter inside the suffix: `lora_A.<adapter>.weight`, and after
+    tensors kept in a ParameterDict (`hada_w1_a.<adapter>`, `lokr_w1.<adapter>`). None when no known
+    suffix ends the key.
+    """
     for suffix in _SUFFIXES_LONGEST_FIRST:
         if key.endswith("." + suffix) and len(key) > len(suffix) + 1:
             algorithm, canonical = SUFFIX_INDEX[suffix]
-            return key[: -len(suffix) - 1], algorithm, canonical
+            return key[: -len(suffix) - 1], algorithm, canonical, None
+    head, _, adapter = key.rpartition(".")
+    if adapter == "weight":  # lora_A.<adapter>.weight
+        head, _, adapter = head.rpartition(".")
+        head += ".weight"
+    for suffix in _SUFFIXES_LONGEST_FIRST:
+        algorithm, canonical = SUFFIX_INDEX[suffix]
+        if algorithm and head.endswith("." + suffix) and adapter.isidentifier():
+            return head[: -len(suffix) - 1], algorithm, canonical, adapter
     return None
 
 
 def detect_format(stems: list[str]) -> str:
-    """The key-layout family of SPEC §3, by majority over module stems."""
+    """The key-layout family, by majority over module stems."""
     votes: dict[str, int] = {}
     for stem in stems:
         if stem.startswith("lora_unet_"):
@@ -250,7 +102,7 @@ def detect_format(stems: list[str]) -> str:
     return max(votes, key=votes.get) if votes else "unknown"
 
 
-def _open_source(path: str) -> tuple[dict[str, TensorEntry], dict[str, str], TensorLoader, int]:
+def _open_source(path: str) -> tuple[dict[str, TensorEntry], dict[str, str], TensorSource, int]:
     if path.lower().endswith(PICKLE_SUFFIXES):
         tensors = load_pickle_tensors(path)
         entries = {k: TensorEntry(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()}
@@ -260,11 +112,45 @@ def _open_source(path: str) -> tuple[dict[str, TensorEntry], dict[str, str], Ten
     return dict(header.tensors), header.metadata, reader.get, header.file_size
 
 
+@dataclass
+class _Grouped:
+    """A file's keys sorted into modules: stem -> {canonical name: entry}, and what fits no module."""
+
+    params: dict[str, dict[str, TensorEntry]] = field(default_factory=dict)
+    algorithms: dict[str, set[str]] = field(default_factory=dict)
+    unknown: list[str] = field(default_factory=list)
+    adapter_names: set[str] = field(default_factory=set)
+
+
+def _group_keys(path: str, entries: Mapping[str, TensorEntry]) -> _Grouped:
+    grouped = _Grouped()
+    for key, entry in entries.items():
+        parts = split_key(key)
+        if parts is None:
+            grouped.unknown.append(key)
+            continue
+        stem, algorithm, canonical, adapter_name = parts
+        params = grouped.params.setdefault(stem, {})
+        if canonical in params:
+            raise AdapterError(f"{path}: module {stem}: {canonical} is given twice ({params[canonical].name} and {key})")
+        params[canonical] = entry
+        if algorithm:
+            grouped.algorithms.setdefault(stem, set()).add(algorithm)
+        if adapter_name:
+            grouped.adapter_names.add(adapter_name)
+    if len(grouped.adapter_names) > 1:
+        raise AdapterError(
+            f"{path}: holds several PEFT adapters ({', '.join(sorted(grouped.adapter_names))}); "
+            "save one adapter per file"
+        )
+    return grouped
+
+
 def read_adapter(path: str | os.PathLike, lokr_full_matrix_alpha: bool = False) -> AdapterFile:
     """Read and validate an adapter file. Raises AdapterError with the file, module and problem.
 
     lokr_full_matrix_alpha: apply alpha to LoKr modules whose w1 and w2 are both full, as
-    alpha / ss_network_dim (files from trainers that did so; SPEC §2). Off by default: scale 1.
+    alpha / ss_network_dim (files from trainers that did so). Off by default: scale 1.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -272,47 +158,21 @@ def read_adapter(path: str | os.PathLike, lokr_full_matrix_alpha: bool = False) 
     entries, metadata, load, size = _open_source(path)
     if not entries:
         raise AdapterError(f"{path}: file holds no tensors")
-
-    grouped: dict[str, dict[str, TensorEntry]] = {}
-    algorithms_of: dict[str, set[str]] = {}
-    unknown: list[str] = []
-    for key, entry in entries.items():
-        parts = split_key(key)
-        if parts is None:
-            unknown.append(key)
-            continue
-        stem, algorithm, canonical = parts
-        if canonical in grouped.setdefault(stem, {}):
-            raise AdapterError(
-                f"{path}: module {stem}: {canonical} is given twice "
-                f"({grouped[stem][canonical].name} and {key})"
-            )
-        grouped[stem][canonical] = entry
-        if algorithm:
-            algorithms_of.setdefault(stem, set()).add(algorithm)
-
-    full_matrix_dim = None
-    if lokr_full_matrix_alpha:
-        try:
-            full_matrix_dim = float(metadata["ss_network_dim"])
-        except (KeyError, ValueError):
-            raise AdapterError(
-                f"{path}: applying alpha to full-matrix LoKr needs the network dim, but the file has "
-                f"no numeric ss_network_dim metadata"
-            ) from None
+    grouped = _group_keys(path, entries)
+    full_matrix_dim = _network_dim(path, metadata) if lokr_full_matrix_alpha else None
 
     modules: dict[str, ModuleAdapter] = {}
     problems: list[str] = []
-    for stem, params in grouped.items():
-        found = algorithms_of.get(stem, set())
+    unknown = list(grouped.unknown)
+    for stem, params in grouped.params.items():
+        found = grouped.algorithms.get(stem, set())
         if not found:
             unknown.extend(entry.name for entry in params.values())
             problems.append(f"module {stem}: has only {', '.join(sorted(params))}, no adapter weights")
             continue
         if len(found) > 1:
             raise AdapterError(f"{path}: module {stem}: mixes tensors of {' and '.join(sorted(found))}")
-        algorithm = ALGORITHMS[found.pop()]
-        modules[stem] = _build_module(path, stem, algorithm, params, load, full_matrix_dim)
+        modules[stem] = _build_module(path, stem, ALGORITHMS[found.pop()], params, load, full_matrix_dim)
 
     if not modules:
         raise AdapterError(
@@ -336,35 +196,62 @@ def read_adapter(path: str | os.PathLike, lokr_full_matrix_alpha: bool = False) 
     return adapter
 
 
+def _network_dim(path: str, metadata: Mapping[str, str]) -> float:
+    try:
+        dim = float(metadata["ss_network_dim"])
+    except (KeyError, ValueError):
+        dim = math.nan
+    if not (math.isfinite(dim) and dim > 0):
+        raise AdapterError(
+            f"{path}: applying alpha to full-matrix LoKr needs the network dim, but the file has "
+            f"no positive ss_network_dim metadata"
+        )
+    return dim
+
+
+def _scale(algorithm: Algorithm, shapes, rank: int | None, alpha: float | None, full_matrix_dim: float | None) -> float | None:
+    """The LyCORIS rule every reference shares: alpha / rank; 1 without alpha; 1 for modules without
+    a rank (LoKr with both factors full, full diffs) unless alpha is to be applied to full-matrix
+    LoKr (alpha / network dim). None when alpha is needed but unusable."""
+    if alpha is None:
+        return 1.0
+    if rank is None:
+        if full_matrix_dim and algorithm.variant(shapes) == "full":
+            return alpha / full_matrix_dim if math.isfinite(alpha) else None
+        return 1.0
+    return alpha / rank if math.isfinite(alpha) and rank > 0 else None
+
+
 def _build_module(path, stem, algorithm, params, load, full_matrix_dim) -> ModuleAdapter:
     for name, entry in params.items():
-        allowed = FLOAT_DTYPES + ((torch.int64, torch.int32) if name == "alpha" else ())
+        allowed = FLOAT_DTYPES + ((torch.int64, torch.int32) if name == ALPHA else ())
         if entry.dtype not in allowed:
             raise AdapterError(
                 f"{path}: module {stem}: {name} has dtype {dtype_name(entry.dtype)}, expected a float type"
             )
     alpha = None
-    if "alpha" in params:
-        entry = params["alpha"]
+    if ALPHA in params:
+        entry = params[ALPHA]
         if math.prod(entry.shape) != 1:
             raise AdapterError(f"{path}: module {stem}: alpha must be a single value, got shape {list(entry.shape)}")
         alpha = float(load(entry.name).reshape(()).item())
-        if not math.isfinite(alpha):
-            raise AdapterError(f"{path}: module {stem}: alpha is {alpha}")
+    shapes = {name: entry.shape for name, entry in params.items()}
     try:
-        module = ModuleAdapter(stem, algorithm, params, alpha, load, full_matrix_dim)
+        shape = tuple(algorithm.weight_shape(shapes))
+        rank = algorithm.rank(shapes)
     except ShapeError as e:
-        shapes = ", ".join(f"{n} {list(p.shape)}" for n, p in params.items() if n != "alpha")
-        raise AdapterError(f"{path}: module {stem} ({algorithm.name}): {e} [{shapes}]") from None
-    if "dora_scale" in params:
-        n = math.prod(params["dora_scale"].shape)
-        if n not in (module.shape[0], module.shape[1]):
+        listed = ", ".join(f"{n} {list(p.shape)}" for n, p in params.items() if n != ALPHA)
+        raise AdapterError(f"{path}: module {stem} ({algorithm.name}): {e} [{listed}]") from None
+    scale = _scale(algorithm, shapes, rank, alpha, full_matrix_dim)
+    if scale is None:
+        raise AdapterError(f"{path}: module {stem}: alpha is {alpha}" + (f" with rank {rank}" if rank is not None else ""))
+    if DORA in params:
+        n = math.prod(params[DORA].shape)
+        if n not in (shape[0], shape[1] if len(shape) > 1 else None):
             raise AdapterError(
-                f"{path}: module {stem}: dora_scale {list(params['dora_scale'].shape)} fits neither the "
-                f"output ({module.shape[0]}) nor the input ({module.shape[1]}) features"
+                f"{path}: module {stem}: dora_scale {list(params[DORA].shape)} fits neither the "
+                f"output ({shape[0]}) nor the input features of {list(shape)}"
             )
-    if "diff_b" in params and tuple(params["diff_b"].shape) != (module.shape[0],):
-        raise AdapterError(
-            f"{path}: module {stem}: diff_b {list(params['diff_b'].shape)} does not match {module.shape[0]} outputs"
-        )
-    return module
+    if BIAS in params and tuple(params[BIAS].shape) != (shape[0],):
+        raise AdapterError(f"{path}: module {stem}: diff_b {list(params[BIAS].shape)} does not match {shape[0]} outputs")
+    return ModuleAdapter(stem, algorithm, params, alpha, scale, shape, rank, load)

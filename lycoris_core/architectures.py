@@ -21,6 +21,7 @@ import string
 from dataclasses import dataclass, field
 
 from .errors import AdapterError
+from .rows import Rows
 
 PLACEHOLDERS = {"n": r"\d+", "s": r"img|txt", "b": r"[A-Za-z_]+"}
 
@@ -36,8 +37,8 @@ class Slice:
     index: int
     sizes: tuple[str, ...]
 
-    def rows(self, fused_shape: tuple[int, ...]) -> tuple[int, int]:
-        """(offset, size) of this part in a fused weight of `fused_shape`."""
+    def rows(self, fused_shape: tuple[int, ...]) -> Rows:
+        """This part's rows in a fused weight of `fused_shape`."""
         out_features, in_features = fused_shape[0], fused_shape[1]
         fixed = {"third": out_features // 3, "in": in_features}
         if "third" in self.sizes and out_features % 3:
@@ -46,7 +47,8 @@ class Slice:
         sizes = [fixed[s] if s != "rest" else out_features - known for s in self.sizes]
         if min(sizes) <= 0 or sum(sizes) != out_features:
             raise AdapterError(f"fused weight {self.fused} of shape {list(fused_shape)} cannot be split as {self.sizes}")
-        return sum(sizes[: self.index]), sizes[self.index]
+        start = sum(sizes[: self.index])
+        return Rows(start, start + sizes[self.index])
 
 
 def _qkv(fused: str) -> tuple[Slice, Slice, Slice]:

@@ -3,13 +3,13 @@
 For weights that cannot or should not be rewritten (fp8 / quantized, offloaded): every adapted layer
 gets one torch forward hook that adds m·s·ΔW·x to the layer's output, or to its output features
 [offset, offset + size) when the target is a row slice of a fused weight (split q/k/v on a fused qkv).
-The math is the module's own (`ModuleAdapter.bypass_forward`: LoKr never builds ΔW, LoHa uses its
+The math is the module's own (`BoundModule.bypass_forward`: LoKr never builds ΔW, LoHa uses its
 factored form when that is cheaper), in fp32, cast once to the output dtype.
 
 Hooks (not a replaced `forward`) so that several sets, e.g. chained loaders, can be attached to the
 same layer and removed in any order.
 
-DoRA needs the layer's weight once for its magnitude rescale (`ModuleAdapter.dora_rescale`); it is
+DoRA needs the layer's weight once for its magnitude rescale (`BoundModule.dora_rescale`); it is
 taken at the first forward, from the base weight. With several adapters on one DoRA layer, patch
 mode is exact and bypass rescales only by the base weight.
 """
@@ -22,8 +22,9 @@ from typing import Callable
 import torch
 
 from . import dora
-from .adapter_file import ModuleAdapter
 from .errors import AdapterError
+from .module import BoundModule, ModuleAdapter
+from .rows import Rows
 
 WeightOf = Callable[[torch.nn.Module], torch.Tensor]
 
@@ -34,58 +35,59 @@ def plain_weight(layer: torch.nn.Module) -> torch.Tensor:
 
 @dataclass
 class _Entry:
-    module: ModuleAdapter  # reads its tensors from memory (loading.with_tensors)
+    module: ModuleAdapter
+    stored: dict[str, torch.Tensor]  # its tensors as the file stores them; fp32 copies per device on use
     strength: float
-    rows: tuple[int, int] | None  # (offset, size) of the layer's output features, or all of them
-    add_bias: bool  # the module carries a bias difference (full diffs with diff_b)
-    source_rows: tuple[int, int] | None = None  # the rows of the module's output this layer takes (fused module, split layers)
-    _tensors: dict = field(default_factory=dict, repr=False)  # device -> fp32 tensors
+    rows: Rows | None  # the layer's output features it adds to, or all of them
+    add_bias: bool  # the module carries a bias difference (diff_b)
+    source_rows: Rows | None = None  # the rows of the module's output this layer takes (fused module, split layers)
+    _bound: dict = field(default_factory=dict, repr=False)  # device -> the module in fp32 there
     _rescale: torch.Tensor | None = field(default=None, repr=False)
 
-    def tensors_on(self, device: torch.device) -> dict[str, torch.Tensor]:
-        tensors = self._tensors.get(device)
-        if tensors is None:
-            tensors = self._tensors[device] = self.module.tensors(device=device, dtype=torch.float32)
-        return tensors
+    def on(self, device: torch.device) -> BoundModule:
+        bound = self._bound.get(device)
+        if bound is None:
+            bound = self._bound[device] = BoundModule(self.module, self.stored, device)
+        return bound
 
     def rescale(self, layer: torch.nn.Module, weight_of: WeightOf, device: torch.device) -> torch.Tensor:
         if self._rescale is None:
             weight = weight_of(layer).detach()
             if self.rows is not None:
-                weight = weight.narrow(0, self.rows[0], self.rows[1])
-            self._rescale = self.module.dora_rescale(weight.float(), self.strength)
+                weight = self.rows.of(weight)
+            self._rescale = self.on(weight.device).dora_rescale(weight.float(), self.strength)
         return self._rescale.to(device)
 
     def forget(self) -> None:
-        self._tensors.clear()
+        self._bound.clear()
         self._rescale = None
 
 
-def _layer_bias(layer: torch.nn.Module, offset: int, size: int, device) -> torch.Tensor | None:
+def _layer_bias(layer: torch.nn.Module, rows: Rows, device) -> torch.Tensor | None:
     bias = getattr(layer, "bias", None)
     if bias is None:
         return None
-    return bias.detach().narrow(0, offset, size).to(device=device, dtype=torch.float32)
+    return rows.of(bias.detach()).to(device=device, dtype=torch.float32)
 
 
 def _apply(entry: _Entry, layer: torch.nn.Module, x: torch.Tensor, out: torch.Tensor, weight_of: WeightOf) -> torch.Tensor:
     """The layer's output with one adapter added (fp32 math, one cast back)."""
-    module = entry.module
     width = out.shape[-1]
-    offset, size = entry.rows or (0, width)
-    t = entry.tensors_on(x.device)
+    target = entry.rows or Rows(0, width)
+    offset, size = target.start, target.size
+    module = entry.on(x.device)
     xf = x.float()
     rows = out.narrow(-1, offset, size).float()
-    if not module.has_dora:
-        delta = module.bypass_delta(xf, entry.strength, t)
+    if not module.record.has_dora:
+        delta = module.bypass_delta(xf, entry.strength)
         if entry.source_rows is not None:
-            delta = delta.narrow(-1, *entry.source_rows)
+            delta = delta.narrow(-1, entry.source_rows.start, entry.source_rows.size)
         new = rows + delta
     else:
         rescale = entry.rescale(layer, weight_of, x.device)
-        bias = _layer_bias(layer, offset, size, x.device)
-        if dora.on_output_axis(t["dora_scale"], module.shape):
-            new = module.bypass_forward(xf, lambda _: rows, entry.strength, bias=bias, rescale=rescale, tensors=t)
+        bias = _layer_bias(layer, target, x.device)
+        if dora.on_output_axis(module.tensors["dora_scale"], module.shape):
+            new = module.bypass_forward(xf, lambda _: rows, entry.strength, bias=bias, rescale=rescale)
         else:
             # Per-input magnitude: the layer at input c⊙x. Its base part is W·(c⊙x) + b = out + W·(c⊙x − x),
             # which keeps what earlier adapters added to `out`.
@@ -93,11 +95,11 @@ def _apply(entry: _Entry, layer: torch.nn.Module, x: torch.Tensor, out: torch.Te
                 extra = layer.forward((scaled - xf).to(x.dtype)).narrow(-1, offset, size).float()
                 return rows + (extra if bias is None else extra - bias)
 
-            new = module.bypass_forward(xf, base, entry.strength, rescale=rescale, tensors=t)
+            new = module.bypass_forward(xf, base, entry.strength, rescale=rescale)
     if entry.add_bias:
-        bias_delta = module.delta_bias(t)
+        bias_delta = module.delta_bias()
         if entry.source_rows is not None:
-            bias_delta = bias_delta.narrow(0, *entry.source_rows)
+            bias_delta = entry.source_rows.of(bias_delta)
         new = new + entry.strength * bias_delta
     new = new.to(out.dtype)
     if size == width:
@@ -129,12 +131,12 @@ class BypassSet:
         self,
         layer: str,
         module: ModuleAdapter,
+        tensors: dict[str, torch.Tensor],
         strength: float = 1.0,
-        rows: tuple[int, int] | None = None,
-        add_bias: bool = False,
-        source_rows: tuple[int, int] | None = None,
+        rows: Rows | None = None,
+        source_rows: Rows | None = None,
     ) -> None:
-        """Adapt layer `layer` (a dotted path) by `module`, which must read its tensors from memory.
+        """Adapt layer `layer` (a dotted path) by `module`, whose tensors (as stored) are `tensors`.
 
         `rows`: the layer's output features it adds to (a slice of a fused layer); `source_rows`:
         the module's output features it adds (one part of a fused module on split layers)."""
@@ -145,7 +147,8 @@ class BypassSet:
             )
         if module.has_dora and source_rows is not None:
             raise AdapterError(f"module {module.stem}: a DoRA module cannot be split over separate layers")
-        self.layers.setdefault(layer, []).append(_Entry(module, float(strength), rows, add_bias, source_rows))
+        entry = _Entry(module, dict(tensors), float(strength), rows, module.has_bias_delta, source_rows)
+        self.layers.setdefault(layer, []).append(entry)
 
     def __len__(self) -> int:
         return sum(len(entries) for entries in self.layers.values())

@@ -3,7 +3,7 @@
 read → plan → here → host: a host reads a file (once, through the cache below), plans it against its
 model's weight names and shapes (`plan.make_plan`), then takes each matched module's tensors from
 `load_tensors` and hands them to its own patch mechanism, either as merged weights
-(`ModuleAdapter.apply_`) or in the forward pass (`bypass.BypassSet`). `load_report` says in plain
+(`BoundModule.apply_`) or in the forward pass (`bypass.BypassSet`). `load_report` says in plain
 words what was applied and what was not.
 """
 
@@ -16,12 +16,14 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from .adapter_file import AdapterFile, ModuleAdapter, read_adapter
+from .adapter_file import AdapterFile, read_adapter
+from .module import ModuleAdapter
+from .algorithms import ALGORITHMS
 from .architectures import describe_architecture
 from .errors import AdapterError
 from .finite import count_nonfinite, describe_nonfinite
 from .plan import LoadPlan
-from .report import lokr_mode
+from .report import VARIANT_WORDS
 
 CACHE_SIZE = 8  # parsed files kept; a parsed file is its header and alphas, not its tensors
 
@@ -72,7 +74,7 @@ def load_tensors(
     total = len(plan.patches)
     for i, patch in enumerate(plan.patches):
         if patch.stem not in loaded:
-            tensors = patch.module.tensors(dtype=None)
+            tensors = patch.module.read()
             for name, tensor in tensors.items():
                 bad = count_nonfinite(tensor)
                 if bad:
@@ -83,22 +85,6 @@ def load_tensors(
     if nonfinite:
         raise AdapterError(f"{plan.adapter.path}: {describe_nonfinite(nonfinite)}; nothing was applied")
     return loaded
-
-
-def detached(module: ModuleAdapter) -> ModuleAdapter:
-    """The module without access to its file: for holders that always pass the tensors themselves
-    (a patch object that a host copies between devices must not carry a second set)."""
-
-    def no_file(key: str) -> torch.Tensor:
-        raise AdapterError(f"module {module.stem}: tensors must be passed explicitly (no file attached)")
-
-    return ModuleAdapter(module.stem, module.algorithm, module.params, module.alpha, no_file, module.full_matrix_dim)
-
-
-def with_tensors(module: ModuleAdapter, tensors: Mapping[str, torch.Tensor]) -> ModuleAdapter:
-    """The module reading its tensors from `tensors` ({canonical name: tensor}) instead of its file."""
-    by_key = {module.params[name].name: tensor for name, tensor in tensors.items()}
-    return ModuleAdapter(module.stem, module.algorithm, module.params, module.alpha, by_key.__getitem__, module.full_matrix_dim)
 
 
 # Key stems of text-encoder modules in kohya/Musubi (`lora_te_`, `lora_te1_`...) and Diffusers files.
@@ -112,13 +98,14 @@ def is_text_encoder_stem(stem: str) -> bool:
 
 def _algorithm_counts(modules: Iterable[ModuleAdapter]) -> str:
     modules = list(modules)
-    counts = Counter(m.algorithm_name for m in modules)
+    counts = Counter(m.algorithm for m in modules)
     parts = []
     for name, n in sorted(counts.items()):
         text = f"{n} {name}"
-        if name == "lokr":
-            modes = Counter(lokr_mode(m) for m in modules if m.algorithm_name == "lokr")
-            text += f" ({modes.get('full', 0)} full-matrix, {modes.get('low_rank', 0)} low-rank)"
+        variants = ALGORITHMS[name].variants
+        if variants:
+            found = Counter(m.variant for m in modules if m.algorithm == name)
+            text += " (" + ", ".join(f"{found[v]} {VARIANT_WORDS[v]}" for v in variants) + ")"
         parts.append(text)
     dora = sum(m.has_dora for m in modules)
     if dora:

@@ -21,6 +21,7 @@ from . import dora
 from .adapter_file import read_adapter
 from .errors import AdapterError
 from .plan import LoadPlan, Patch, make_plan
+from .rows import Rows
 from .safetensors_io import SafetensorsReader, SafetensorsWriter, TensorEntry, check_output_path, dtype_name
 
 MERGE_METADATA_KEY = "comfyui_lycoris.merge"
@@ -95,26 +96,26 @@ def _merge_tensor(
     every page into a private copy.
     """
     rows = weight.shape[0]
+    bound = {id(p): p.module.bind() for p, _ in patches}
     needs_whole = any(
-        p.module.has_dora and not dora.on_output_axis(p.module.load(p.module.params["dora_scale"].name), p.module.shape)
+        p.module.has_dora and not dora.on_output_axis(bound[id(p)].tensors["dora_scale"], p.module.shape)
         for p, _ in patches
     )
     step = rows if needs_whole else max(1, BLOCK_ELEMENTS // max(1, weight[0].numel()))
-    tensors = {id(p): p.module.tensors() for p, _ in patches}
     quantized = weight.dtype in FP8_DTYPES
     clipped = 0
     for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        block = weight[start:stop].to(torch.float64 if weight.dtype == torch.float64 else torch.float32, copy=True)
+        block_rows = Rows(start, min(rows, start + step))
+        block = block_rows.of(weight).to(torch.float64 if weight.dtype == torch.float64 else torch.float32, copy=True)
         if quantized and scale is not None:
             block.mul_(scale)
         for patch, strength in patches:
-            offset, size = patch.target.rows or (0, rows)
-            source = patch.target.source_rows[0] if patch.target.source_rows else 0  # this weight's row 0 in ΔW
-            lo, hi = max(start, offset), min(stop, offset + size)
-            if lo < hi:
-                patch.module.apply_(block[lo - start : hi - start], strength, tensors[id(patch)],
-                                    rows=(source + lo - offset, source + hi - offset))
+            target = patch.target.rows or Rows(0, rows)
+            source = patch.target.source_rows.start if patch.target.source_rows else 0  # this weight's row 0 in ΔW
+            part = block_rows.overlap(target)
+            if part is not None:
+                bound[id(patch)].apply_(part.shifted(-start).of(block), strength,
+                                        rows=part.shifted(source - target.start))
         if quantized:
             if scale is not None:
                 block.div_(scale)
@@ -217,9 +218,10 @@ def merge(
 def _merge_bias(bias: torch.Tensor, patches: list[tuple[Patch, float]]) -> torch.Tensor:
     work = bias.float()
     for patch, strength in patches:
-        offset, size = patch.target.rows or (0, bias.shape[0])
-        source = patch.target.source_rows[0] if patch.target.source_rows else 0
-        work[offset : offset + size].add_(patch.module.delta_bias()[source : source + size], alpha=strength)
+        target = patch.target.rows or Rows(0, bias.shape[0])
+        source = patch.target.source_rows.start if patch.target.source_rows else 0
+        delta = patch.module.bind().delta_bias()
+        target.of(work).add_(target.shifted(source - target.start).of(delta), alpha=strength)
     return work.to(bias.dtype)
 
 

@@ -26,18 +26,19 @@ from .architectures import (
     module_path,
 )
 from .errors import AdapterError
+from .rows import Rows
 
 
 @dataclass(frozen=True)
 class Target:
     key: str  # the model's weight key, exactly as the model names it
-    rows: tuple[int, int] | None  # (offset, size) along dim 0 of a fused weight, or the whole weight
-    # (offset, size) of the module's ΔW rows that land on this weight, when one fused module (a
-    # ComfyUI-layout qkv) spans several split weights of the model; None: all of them
-    source_rows: tuple[int, int] | None = None
+    rows: Rows | None  # the rows of a fused weight the module lands on, or None: the whole weight
+    # The module's ΔW rows that land on this weight, when one fused module (a ComfyUI-layout qkv)
+    # spans several split weights of the model; None: all of them
+    source_rows: Rows | None = None
 
     def where(self) -> str:
-        return self.key + (f" rows {self.rows[0]}:{self.rows[0] + self.rows[1]}" if self.rows else "")
+        return self.key + (f" rows {self.rows}" if self.rows else "")
 
 
 @dataclass
@@ -70,7 +71,7 @@ class LoadPlan:
     def summary(self) -> str:
         algorithms: dict[str, int] = {}
         for patch in {p.stem: p for p in self.patches}.values():
-            algorithms[patch.module.algorithm_name] = algorithms.get(patch.module.algorithm_name, 0) + 1
+            algorithms[patch.module.algorithm] = algorithms.get(patch.module.algorithm, 0) + 1
         counts = ", ".join(f"{n} {a}" for a, n in sorted(algorithms.items()))
         fused = sum(p.target.rows is not None for p in self.patches)
         split = len({p.stem for p in self.patches if p.target.source_rows is not None})
@@ -108,7 +109,7 @@ def _weight_keys(weight_shapes: Mapping[str, tuple]) -> dict[str, tuple]:
     return {k: tuple(s) for k, s in weight_shapes.items() if k.endswith(".weight") and len(s) >= 2}
 
 
-def _names_of(path: str, shape: tuple, arch: Architecture | None) -> dict[str, tuple[int, int] | None]:
+def _names_of(path: str, shape: tuple, arch: Architecture | None) -> dict[str, Rows | None]:
     """Every module path (any naming) that denotes this model weight, with its row slice if any."""
     names: dict[str, tuple[int, int] | None] = {path: None}
     if arch is None:
@@ -158,7 +159,7 @@ def _split_weights(weights: Mapping[str, tuple], arch: Architecture) -> dict[str
         targets, offset = [], 0
         for i in range(count):
             key, shape, _ = parts[i]
-            targets.append(Target(key, None, (offset, shape[0])))
+            targets.append(Target(key, None, Rows(offset, offset + shape[0])))
             offset += shape[0]
         if any(_rows_in(parts[i][2], fused_shape) != t.source_rows for i, t in enumerate(targets)):
             continue  # sizes the architecture's fused weight would not have (e.g. unequal q/k/v)
@@ -166,7 +167,7 @@ def _split_weights(weights: Mapping[str, tuple], arch: Architecture) -> dict[str
     return splits
 
 
-def _rows_in(part: Slice, fused_shape: tuple) -> tuple[int, int] | None:
+def _rows_in(part: Slice, fused_shape: tuple) -> Rows | None:
     try:
         return part.rows(fused_shape)
     except AdapterError:
@@ -253,7 +254,7 @@ def make_plan(adapter: AdapterFile, weight_shapes: Mapping[str, tuple], architec
         if isinstance(found, _Split):
             targets = found.parts
             first = tuple(weight_shapes[targets[0].key])
-            shape = (sum(t.source_rows[1] for t in targets), *first[1:])
+            shape = (sum(t.source_rows.size for t in targets), *first[1:])
             where = f"{found.name} (split as {', '.join(t.key for t in targets)})"
             if module.has_dora:
                 # Its magnitude is defined on the whole fused weight, which this model never holds.
@@ -263,10 +264,10 @@ def make_plan(adapter: AdapterFile, weight_shapes: Mapping[str, tuple], architec
             targets = (found,)
             shape = tuple(weight_shapes[found.key])
             if found.rows is not None:
-                shape = (found.rows[1], *shape[1:])
+                shape = (found.rows.size, *shape[1:])
             where = found.where()
         if not module.fits(shape):
-            misfits.append(f"module {stem} ({module.algorithm_name}) produces {list(module.shape)} but {where} is {list(shape)}")
+            misfits.append(f"module {stem} ({module.algorithm}) produces {list(module.shape)} but {where} is {list(shape)}")
             continue
         planned = []
         for target in targets:

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .adapter_file import AdapterFile, ModuleAdapter
+from .adapter_file import AdapterFile
+from .algorithms import ALGORITHMS
 from .safetensors_io import dtype_name
 
 REPORT_VERSION = 1
 
-
-def lokr_mode(module: ModuleAdapter) -> str | None:
-    """'full' when w1 and w2 are both full matrices (scale 1), else 'low_rank'; None for other algorithms."""
-    if module.algorithm_name != "lokr":
-        return None
-    return "full" if module.rank is None else "low_rank"
+# How the stored forms of an algorithm read in text (LoKr's are the only ones so far), and what
+# `inspect` adds about their scale.
+VARIANT_WORDS = {"full": "full-matrix", "low_rank": "low-rank"}
+VARIANT_NOTES = {"full": " (scale 1)"}
 
 
 def _number_key(value: float | int | None) -> str:
@@ -26,7 +25,7 @@ def _number_key(value: float | int | None) -> str:
 def describe(adapter: AdapterFile, scan_values: bool = True) -> dict:
     """Everything SPEC §5 lists for `inspect`. `scan_values` reads every tensor to count NaN/Inf."""
     modules = list(adapter.modules.values())
-    by_algorithm = Counter(m.algorithm_name for m in modules)
+    by_algorithm = Counter(m.algorithm for m in modules)
     problems = list(adapter.problems)
     nonfinite = adapter.nonfinite_counts() if scan_values else {}
     for key, count in nonfinite.items():
@@ -55,21 +54,22 @@ def describe(adapter: AdapterFile, scan_values: bool = True) -> dict:
         "modules": [
             {
                 "stem": m.stem,
-                "algorithm": m.algorithm_name,
+                "algorithm": m.algorithm,
                 "shape": list(m.shape),
                 "rank": m.rank,
                 "alpha": m.alpha,
                 "scale": m.scale,
-                "lokr_mode": lokr_mode(m),
+                "lokr_mode": m.variant,  # the stored form; named for LoKr, its only user so far
                 "dora": m.has_dora,
                 "dtype": dtype_name(next(iter(m.params.values())).dtype),
             }
             for m in modules
         ],
     }
-    if by_algorithm.get("lokr"):
-        modes = Counter(lokr_mode(m) for m in modules if m.algorithm_name == "lokr")
-        report["lokr"] = {"full": modes.get("full", 0), "low_rank": modes.get("low_rank", 0)}
+    for name in by_algorithm:  # per algorithm with several stored forms: {form: modules}, e.g. report["lokr"]
+        if ALGORITHMS[name].variants:
+            found = Counter(m.variant for m in modules if m.algorithm == name)
+            report[name] = {variant: found[variant] for variant in ALGORITHMS[name].variants}
     return report
 
 
@@ -92,9 +92,10 @@ def format_report(report: dict, max_modules: int = 40) -> str:
         f"architecture  {report['architecture'] or 'unknown'}",
         f"modules       {report['module_count']} ({_counts(report['algorithms'])})",
     ]
-    if "lokr" in report:
-        lokr = report["lokr"]
-        lines.append(f"lokr          {lokr['full']} full-matrix (scale 1), {lokr['low_rank']} low-rank")
+    for name in report["algorithms"]:
+        if name in report:  # an algorithm with several stored forms
+            forms = ", ".join(f"{n} {VARIANT_WORDS[v]}{VARIANT_NOTES.get(v, '')}" for v, n in report[name].items())
+            lines.append(f"{name:<14}{forms}")
     lines += [
         f"ranks         {_counts(report['ranks'])}",
         f"alphas        {_counts(report['alphas'])}",

@@ -17,15 +17,16 @@ from comfy.patcher_extension import PatcherInjection
 
 from ..lycoris_core.bypass import BypassSet
 from ..lycoris_core.errors import AdapterError
-from ..lycoris_core.loading import detached, with_tensors
+from ..lycoris_core.module import BoundModule
 from ..lycoris_core.plan import LoadPlan
+from ..lycoris_core.rows import Rows
 
 
 class LycorisWeightPatch(comfy.weight_adapter.WeightAdapterBase):
-    """One adapter module as a ComfyUI weight patch; the math is the core's `ModuleAdapter.apply_`.
+    """One adapter module as a ComfyUI weight patch; the math is the core's `BoundModule.apply_`.
 
-    All state is in `weights` = (module without file access, the rows of its ΔW this weight takes or
-    None for all, tensor names, *tensors as stored): ComfyUI
+    All state is in `weights` = (module record, the rows of its ΔW this weight takes or None for
+    all, tensor names, *tensors as stored): ComfyUI
     rebuilds adapters as `type(a)(loaded_keys, weights)` with the tensors moved to another device
     (dynamic VRAM prefetch) and counts their memory from the tuple. Errors are raised, never logged
     away: a weight is patched exactly or the load fails.
@@ -38,26 +39,27 @@ class LycorisWeightPatch(comfy.weight_adapter.WeightAdapterBase):
         self.weights = weights
 
     @classmethod
-    def create(cls, module, tensors: dict[str, torch.Tensor], source_rows: tuple[int, int] | None = None) -> "LycorisWeightPatch":
+    def create(cls, module, tensors: dict[str, torch.Tensor], source_rows: Rows | None = None) -> "LycorisWeightPatch":
         names = tuple(tensors)
-        rows = None if source_rows is None else (source_rows[0], source_rows[0] + source_rows[1])
-        return cls(set(module.keys), (detached(module), rows, names, *(tensors[n] for n in names)))
+        return cls(set(module.keys), (module, source_rows, names, *(tensors[n] for n in names)))
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
         # `function` (a post-process of the added term) is only set by patches registered with one; ours never are.
         module, rows, names, *tensors = self.weights
-        fp32 = {name: t.to(device=weight.device, dtype=torch.float32) for name, t in zip(names, tensors)}
+        rows = None if rows is None else Rows(*rows)  # ComfyUI rebuilds nested tuples as plain ones
+        bound = BoundModule(module, dict(zip(names, tensors)), weight.device)
         # fp32 whatever ComfyUI's intermediate dtype: one cast back into the (narrowed) weight.
         work = weight if weight.dtype == torch.float32 else weight.float()
-        module.apply_(work, strength, tensors=fp32, rows=rows)
+        bound.apply_(work, strength, rows=rows)
         if work is not weight:
             weight.copy_(work)
         return weight
 
 
-def _target(key: str, rows: tuple[int, int] | None):
-    return key if rows is None else (key, (0, rows[0], rows[1]))
+def _target(key: str, rows: Rows | None):
+    """ComfyUI's name for a patch target: the key, or (key, (dim, offset, size)) for a row slice."""
+    return key if rows is None else (key, (0, rows.start, rows.size))
 
 
 def add_weight_patches(model, plan: LoadPlan, tensors: dict, strength: float):
@@ -68,10 +70,9 @@ def add_weight_patches(model, plan: LoadPlan, tensors: dict, strength: float):
         target = patch.target
         items = [(_target(target.key, target.rows), LycorisWeightPatch.create(patch.module, tensors[patch.stem], target.source_rows))]
         if patch.bias_key:
-            fp32 = {n: t.float() for n, t in tensors[patch.stem].items()}
-            bias = detached(patch.module).delta_bias(fp32)
+            bias = BoundModule(patch.module, tensors[patch.stem]).delta_bias()
             if target.source_rows:
-                bias = bias.narrow(0, *target.source_rows)
+                bias = target.source_rows.of(bias)
             items.append((_target(patch.bias_key, target.rows), ("diff", (bias,))))
         for target, value in items:
             for batch in rounds:
@@ -98,8 +99,7 @@ def add_bypass_hooks(model, plan: LoadPlan, tensors: dict, strength: float):
     hooks = BypassSet()
     for patch in plan.patches:
         layer = patch.target.key[: -len(".weight")]
-        hooks.add(layer, with_tensors(patch.module, tensors[patch.stem]), strength, patch.target.rows,
-                  add_bias=patch.bias_key is not None, source_rows=patch.target.source_rows)
+        hooks.add(layer, patch.module, tensors[patch.stem], strength, patch.target.rows, patch.target.source_rows)
     patched = model.clone()
     # One key per load: chained loaders each keep theirs, and ComfyUI tells models apart by these keys.
     patched.set_injections(

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from comfyui_lycoris.lycoris_core import read_adapter
+from comfyui_lycoris.lycoris_core.rows import Rows
 from comfyui_lycoris.lycoris_core.algorithms import ALGORITHMS, base
 from helpers import rel_err
 
@@ -80,7 +81,7 @@ def test_apply_equals_w_plus_delta_cast_once(kind, dtype, strength, write_safete
     weight = torch.randn(OUT, IN).to(dtype)
     exact = weight.double() + strength * module.delta_weight(torch.float64)
     applied = weight.clone()
-    module.apply_(applied, strength)
+    module.bind().apply_(applied, strength)
     assert applied.dtype == dtype
     if dtype == torch.float32:
         assert rel_err(applied, exact) < 1e-6
@@ -97,7 +98,7 @@ def test_bypass_implies_the_same_weight(kind, write_safetensors):
     module = module_from(BUILDERS[kind](), write_safetensors)
     weight = torch.randn(OUT, IN)
     x = torch.eye(IN)
-    implied = module.bypass_forward(x, lambda inp: inp @ weight.T, strength=0.7).T
+    implied = module.bind().bypass_forward(x, lambda inp: inp @ weight.T, strength=0.7).T
     assert rel_err(implied, weight + 0.7 * module.delta_weight()) < 1e-5
 
 
@@ -107,10 +108,10 @@ def test_loha_bypass_factored_and_built_paths_agree(write_safetensors):
     few_tokens = torch.randn(3, IN)  # r1·r2 = 6 per token is cheaper than building ΔW
     many_tokens = torch.randn(5000, IN)
     for x in (few_tokens, many_tokens):
-        assert rel_err(module.bypass_delta(x), x @ want.T) < 1e-5
+        assert rel_err(module.bind().bypass_delta(x), x @ want.T) < 1e-5
     wide = module_from(loha(rank=16), write_safetensors)  # 256 > what building costs
     x = torch.randn(7, 5, IN)
-    assert rel_err(wide.bypass_delta(x), x @ wide.delta_weight().T) < 1e-5
+    assert rel_err(wide.bind().bypass_delta(x), x @ wide.delta_weight().T) < 1e-5
 
 
 def test_lokr_bypass_both_associations(write_safetensors):
@@ -118,14 +119,14 @@ def test_lokr_bypass_both_associations(write_safetensors):
     tall = module_from({"lokr_w1": torch.randn(2, 20), "lokr_w2": torch.randn(24, 2)}, write_safetensors)
     for module in (square, tall):
         x = torch.randn(2, 3, module.shape[1])
-        assert rel_err(module.bypass_delta(x, 1.3), 1.3 * x @ module.delta_weight().T) < 1e-5
+        assert rel_err(module.bind().bypass_delta(x, 1.3), 1.3 * x @ module.delta_weight().T) < 1e-5
 
 
 def test_apply_to_row_slice_of_fused_weight(write_safetensors):
     module = module_from(lokr_low_rank(), write_safetensors)
     fused = torch.randn(3 * OUT, IN)
     before = fused.clone()
-    module.apply_(fused[OUT : 2 * OUT], 1.0)
+    module.bind().apply_(fused[OUT : 2 * OUT], 1.0)
     assert torch.equal(fused[:OUT], before[:OUT]) and torch.equal(fused[2 * OUT :], before[2 * OUT :])
     assert rel_err(fused[OUT : 2 * OUT], before[OUT : 2 * OUT] + module.delta_weight()) < 1e-6
 
@@ -135,7 +136,7 @@ def test_lokr_apply_on_non_contiguous_weight(write_safetensors):
     storage = torch.randn(IN, OUT)
     weight = storage.T  # a transposed view: the strided kron view is impossible, rows are used instead
     want = weight + module.delta_weight()
-    module.apply_(weight, 1.0)
+    module.bind().apply_(weight, 1.0)
     assert rel_err(storage.T, want) < 1e-6
 
 
@@ -144,10 +145,10 @@ def test_row_chunking_matches_single_block(kind, write_safetensors, monkeypatch)
     module = module_from(BUILDERS[kind](), write_safetensors)
     weight = torch.randn(OUT, IN, dtype=torch.bfloat16)
     whole = weight.clone()
-    module.apply_(whole, 1.0)
+    module.bind().apply_(whole, 1.0)
     monkeypatch.setattr(base, "CHUNK_ELEMENTS", IN * 5)  # 5 rows per block, 48 rows: a ragged last block
     chunked = weight.clone()
-    module.apply_(chunked, 1.0)
+    module.bind().apply_(chunked, 1.0)
     assert torch.equal(whole, chunked)
 
 
@@ -166,14 +167,14 @@ def test_half_precision_factors_are_computed_in_fp32(write_safetensors):
 def test_diff_bias(write_safetensors):
     tensors = full_diff()
     module = module_from(tensors, write_safetensors)
-    assert torch.equal(module.delta_bias(), tensors["diff_b"])
-    assert module_from(lora(), write_safetensors).delta_bias() is None
+    assert torch.equal(module.bind().delta_bias(), tensors["diff_b"])
+    assert module_from(lora(), write_safetensors).bind().delta_bias() is None
 
 
 def test_apply_rejects_wrong_target_shape(write_safetensors):
     module = module_from(lokr_full(), write_safetensors)
     with pytest.raises(ValueError, match=r"produces shape \[48, 40\].*\[40, 48\]"):
-        module.apply_(torch.zeros(IN, OUT))
+        module.bind().apply_(torch.zeros(IN, OUT))
 
 
 @pytest.mark.parametrize("kind", list(BUILDERS))
@@ -190,7 +191,7 @@ def test_apply_to_a_row_range(kind, dtype, rows, write_safetensors, monkeypatch)
     weight = torch.randn(OUT, IN).to(dtype)
     exact = weight.double() + 0.7 * module.delta_weight(torch.float64)
     block = weight[start:stop].clone()
-    module.apply_(block, 0.7, rows=(start, stop))
+    module.bind().apply_(block, 0.7, rows=Rows(start, stop))
     want = exact[start:stop]
     if dtype == torch.float32:
         assert rel_err(block, want) < 1e-6

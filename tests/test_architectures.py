@@ -10,6 +10,7 @@ from comfyui_lycoris.lycoris_core.architectures import (
     ARCHITECTURES, Slice, detect_adapter_architecture, detect_model_architecture, match_template, module_path,
 )
 from comfyui_lycoris.lycoris_core.plan import make_plan
+from comfyui_lycoris.lycoris_core.rows import Rows
 from helpers import ARCH_OF_PREFIX, COMFY_MODELS, MUSUBI, adapter_entries, comfy_names, expected_weights
 
 ENTRIES = adapter_entries()
@@ -57,9 +58,9 @@ def test_registry_names_every_linear_of_the_comfyui_model(arch):
 
 def test_slice_rules():
     third = Slice("x.qkv", 1, ("third", "third", "third"))
-    assert third.rows((30, 10)) == (10, 10)
+    assert third.rows((30, 10)) == Rows(10, 20)
     linear1 = Slice("x.linear1", 3, ("in", "in", "in", "rest"))
-    assert linear1.rows((70, 10)) == (30, 40)
+    assert linear1.rows((70, 10)) == Rows(30, 70)
     with pytest.raises(AdapterError, match="three equal parts"):
         third.rows((31, 10))
 
@@ -105,8 +106,8 @@ def test_diffusers_flux_qkv_and_single_block_land_on_fused_slices(write_safetens
     plan = make_plan(read_adapter(write_safetensors(tensors, metadata={"ss_base_model_version": "flux_kontext"})), comfy_names("flux"))
     got = {p.stem.split(".", 1)[1]: (p.target.key, p.target.rows) for p in plan.patches}
     assert got == {
-        "transformer_blocks.0.attn.to_k": ("double_blocks.0.img_attn.qkv.weight", (10, 10)),
-        "transformer_blocks.0.attn.add_v_proj": ("double_blocks.0.txt_attn.qkv.weight", (20, 10)),
-        "single_transformer_blocks.1.attn.to_v": ("single_blocks.1.linear1.weight", (20, 10)),
-        "single_transformer_blocks.1.proj_mlp": ("single_blocks.1.linear1.weight", (30, 40)),
+        "transformer_blocks.0.attn.to_k": ("double_blocks.0.img_attn.qkv.weight", Rows(10, 20)),
+        "transformer_blocks.0.attn.add_v_proj": ("double_blocks.0.txt_attn.qkv.weight", Rows(20, 30)),
+        "single_transformer_blocks.1.attn.to_v": ("single_blocks.1.linear1.weight", Rows(20, 30)),
+        "single_transformer_blocks.1.proj_mlp": ("single_blocks.1.linear1.weight", Rows(30, 70)),
     }

@@ -12,15 +12,17 @@ import torch.nn.functional as F
 
 from comfyui_lycoris.lycoris_core import AdapterError, read_adapter
 from comfyui_lycoris.lycoris_core.bypass import BypassSet
-from comfyui_lycoris.lycoris_core.loading import weight_shapes, with_tensors
+from comfyui_lycoris.lycoris_core.loading import weight_shapes
 from comfyui_lycoris.lycoris_core.plan import make_plan
+from comfyui_lycoris.lycoris_core.rows import Rows
 from helpers import MUSUBI, adapter_entries, expected_weights, module_paths, rel_err, stem_of
 
 MUSUBI_FILES = [e for e in adapter_entries() if e["format"] == "musubi"]
 
 
-def in_memory(module):
-    return with_tensors(module, module.tensors(dtype=None))
+def hook(hooks, layer, module, strength=1.0, rows=None, source_rows=None):
+    """Adapt `layer` by `module` (its tensors read from its file, as the loader nodes do)."""
+    hooks.add(layer, module, module.read(), strength, rows, source_rows)
 
 
 def linear(weight: torch.Tensor, bias: bool = True) -> torch.nn.Linear:
@@ -38,12 +40,12 @@ def test_bypass_output_equals_musubi_merged_weight(entry):
     expected = expected_weights(entry)
     x = torch.randn(3, 5, 10)  # hidden 10 in every fixture; layers with other widths get their own x
     for path in module_paths(expected):
-        module = in_memory(adapter.modules[stem_of(entry, path)])
+        module = adapter.modules[stem_of(entry, path)]
         layer = linear(expected[f"base/{path}.weight"])
         xs = x if layer.in_features == 10 else torch.randn(3, 5, layer.in_features)
         for strength in ("1.0", "0.5"):
             hooks = BypassSet()
-            hooks.add("", module, float(strength))
+            hook(hooks, "", module, float(strength))
             hooks.attach(layer)
             got = layer(xs)
             hooks.detach()
@@ -59,7 +61,7 @@ def test_split_qkv_land_on_output_rows_of_a_fused_layer():
     fused = linear(torch.cat([expected[f"base/{p}.weight"] for p in parts]))
     hooks = BypassSet()
     for i in (0, 2):  # q and v only: k's rows must stay the base layer's
-        hooks.add("", in_memory(adapter.modules[stem_of(entry, parts[i])]), 0.5, rows=(10 * i, 10))
+        hook(hooks, "", adapter.modules[stem_of(entry, parts[i])], 0.5, rows=Rows(10 * i, 10 * i + 10))
     hooks.attach(fused)
     x = torch.randn(4, 10)
     got = fused(x)
@@ -85,15 +87,15 @@ def loha_tensors(stem, out_features, in_features, rank=3, dora=None):
 @pytest.mark.parametrize("sliced", [False, True], ids=["whole", "slice"])
 def test_dora_matches_the_patched_weight(write_safetensors, axis, sliced):
     stem = "lora_unet_blocks_0_self_attn_q"
-    module = in_memory(read_adapter(write_safetensors(loha_tensors(stem, 6, 8, dora=axis))).modules[stem])
+    module = read_adapter(write_safetensors(loha_tensors(stem, 6, 8, dora=axis))).modules[stem]
     weight = torch.randn(18 if sliced else 6, 8)
-    rows = (6, 6) if sliced else None
+    rows = Rows(6, 12) if sliced else None
     layer = linear(weight)
     patched = weight.clone()
     target = patched[6:12] if sliced else patched
-    module.apply_(target, 0.7)  # the core's patch path writes through the view
+    module.bind().apply_(target, 0.7)  # the core's patch path writes through the view
     hooks = BypassSet()
-    hooks.add("", module, 0.7, rows=rows)
+    hook(hooks, "", module, 0.7, rows=rows)
     hooks.attach(layer)
     x = torch.randn(2, 3, 8)
     assert rel_err(layer(x), F.linear(x, patched, layer.bias)) <= 1e-5
@@ -101,18 +103,18 @@ def test_dora_matches_the_patched_weight(write_safetensors, axis, sliced):
 
 def test_stacked_sets_add_up_and_detach_in_any_order(write_safetensors):
     stem = "lora_unet_blocks_0_ffn_0"
-    first = in_memory(read_adapter(write_safetensors(loha_tensors(stem, 12, 8))).modules[stem])
-    second = in_memory(read_adapter(write_safetensors({
+    first = read_adapter(write_safetensors(loha_tensors(stem, 12, 8))).modules[stem]
+    second = read_adapter(write_safetensors({
         f"{stem}.lokr_w1": torch.randn(3, 2), f"{stem}.lokr_w2_a": torch.randn(4, 2),
-        f"{stem}.lokr_w2_b": torch.randn(2, 4), f"{stem}.alpha": torch.tensor(1.0)})).modules[stem])
+        f"{stem}.lokr_w2_b": torch.randn(2, 4), f"{stem}.alpha": torch.tensor(1.0)})).modules[stem]
     weight = torch.randn(12, 8)
     layer = linear(weight)
     merged = weight.clone()
-    first.apply_(merged, 1.0)
-    second.apply_(merged, -0.5)
+    first.bind().apply_(merged, 1.0)
+    second.bind().apply_(merged, -0.5)
     a, b = BypassSet(), BypassSet()
-    a.add("", first, 1.0)
-    b.add("", second, -0.5)
+    hook(a, "", first, 1.0)
+    hook(b, "", second, -0.5)
     a.attach(layer)
     b.attach(layer)
     a.attach(layer)  # attaching twice to the same root is a no-op
@@ -120,7 +122,7 @@ def test_stacked_sets_add_up_and_detach_in_any_order(write_safetensors):
     assert rel_err(layer(x), F.linear(x, merged, layer.bias)) <= 1e-5
     a.detach()  # the first attached goes first
     only_b = weight.clone()
-    second.apply_(only_b, -0.5)
+    second.bind().apply_(only_b, -0.5)
     assert rel_err(layer(x), F.linear(x, only_b, layer.bias)) <= 1e-5
     b.detach()
     assert torch.equal(layer(x), F.linear(x, weight, layer.bias))
@@ -129,13 +131,13 @@ def test_stacked_sets_add_up_and_detach_in_any_order(write_safetensors):
 def test_full_diff_with_bias_on_a_slice(write_safetensors):
     stem = "diffusion_model.layers.0.attention.to_v"
     path = write_safetensors({f"{stem}.diff": torch.randn(4, 4), f"{stem}.diff_b": torch.randn(4)})
-    module = in_memory(read_adapter(path).modules[stem])
+    module = read_adapter(path).modules[stem]
     layer = linear(torch.randn(12, 4))
     want_w, want_b = layer.weight.clone(), layer.bias.clone()
     want_w[8:] += 0.5 * module.delta_weight()
-    want_b[8:] += 0.5 * module.delta_bias()
+    want_b[8:] += 0.5 * module.bind().delta_bias()
     hooks = BypassSet()
-    hooks.add("", module, 0.5, rows=(8, 4), add_bias=True)
+    hook(hooks, "", module, 0.5, rows=Rows(8, 12))
     hooks.attach(layer)
     x = torch.randn(3, 4)
     assert rel_err(layer(x), F.linear(x, want_w, want_b)) <= 1e-5
@@ -159,15 +161,14 @@ def test_fused_module_on_split_layers_takes_its_output_rows(write_safetensors, a
     for p in "qkv":
         setattr(model.layers[0].attention, f"to_{p}", linear(torch.randn(10, 10)))
     plan = make_plan(adapter, weight_shapes(model.state_dict()), "z_image")
-    assert [p.target.source_rows for p in plan.patches] == [(0, 10), (10, 10), (20, 10)]
-    module = in_memory(adapter.modules[stem])
+    assert [p.target.source_rows for p in plan.patches] == [Rows(0, 10), Rows(10, 20), Rows(20, 30)]
+    module = adapter.modules[stem]
     hooks = BypassSet()
     for patch in plan.patches:
-        hooks.add(patch.target.key[: -len(".weight")], module, 0.5, patch.target.rows,
-                  add_bias=patch.bias_key is not None, source_rows=patch.target.source_rows)
+        hook(hooks, patch.target.key[: -len(".weight")], module, 0.5, patch.target.rows, patch.target.source_rows)
     hooks.attach(model)
     x = torch.randn(3, 10)
-    delta, delta_bias = module.delta_weight(), module.delta_bias()
+    delta, delta_bias = module.delta_weight(), module.bind().delta_bias()
     for i, p in enumerate("qkv"):
         layer = getattr(model.layers[0].attention, f"to_{p}")
         rows = slice(10 * i, 10 * (i + 1))
@@ -177,18 +178,18 @@ def test_fused_module_on_split_layers_takes_its_output_rows(write_safetensors, a
 
 def test_a_dora_module_is_not_split_over_layers(write_safetensors):
     stem = "lora_unet_blocks_0_ffn_2"
-    module = in_memory(read_adapter(write_safetensors(loha_tensors(stem, 8, 4, dora="out"))).modules[stem])
+    module = read_adapter(write_safetensors(loha_tensors(stem, 8, 4, dora="out"))).modules[stem]
     with pytest.raises(AdapterError, match="DoRA module cannot be split"):
-        BypassSet().add("0", module, source_rows=(0, 4))
+        hook(BypassSet(), "0", module, source_rows=Rows(0, 4))
 
 
 def test_low_precision_layer_is_computed_in_fp32_and_cast_once(write_safetensors):
     stem = "lora_unet_blocks_0_ffn_2"
-    module = in_memory(read_adapter(write_safetensors(loha_tensors(stem, 8, 16))).modules[stem])
+    module = read_adapter(write_safetensors(loha_tensors(stem, 8, 16))).modules[stem]
     weight = torch.randn(8, 16)
     layer = linear(weight).to(torch.bfloat16)
     hooks = BypassSet()
-    hooks.add("", module, 1.0)
+    hook(hooks, "", module, 1.0)
     hooks.attach(layer)
     x = torch.randn(4, 16).to(torch.bfloat16)
     got = layer(x)
@@ -201,14 +202,14 @@ def test_low_precision_layer_is_computed_in_fp32_and_cast_once(write_safetensors
 
 def test_keyword_input_and_nested_layer_paths(write_safetensors):
     stem = "lora_unet_blocks_0_self_attn_o"
-    module = in_memory(read_adapter(write_safetensors(loha_tensors(stem, 6, 6))).modules[stem])
+    module = read_adapter(write_safetensors(loha_tensors(stem, 6, 6))).modules[stem]
     root = torch.nn.Module()
     root.blocks = torch.nn.ModuleList([torch.nn.Module()])
     root.blocks[0].o = linear(torch.randn(6, 6))
     merged = root.blocks[0].o.weight.clone()
-    module.apply_(merged, 1.0)
+    module.bind().apply_(merged, 1.0)
     hooks = BypassSet()
-    hooks.add("blocks.0.o", module)
+    hook(hooks, "blocks.0.o", module)
     hooks.attach(root)
     x = torch.randn(2, 6)
     assert rel_err(root.blocks[0].o(input=x), F.linear(x, merged, root.blocks[0].o.bias)) <= 1e-5
@@ -219,13 +220,13 @@ def test_refusals(write_safetensors):
     conv = read_adapter(write_safetensors({f"{conv_stem}.lora_up.weight": torch.randn(4, 2, 1, 1),
                                            f"{conv_stem}.lora_down.weight": torch.randn(2, 3, 3, 3)})).modules[conv_stem]
     with pytest.raises(AdapterError, match="Linear layers only.*use patch mode"):
-        BypassSet().add("patch_embedding", in_memory(conv))
+        hook(BypassSet(), "patch_embedding", conv)
     stem = "lora_unet_blocks_0_ffn_2"
-    module = in_memory(read_adapter(write_safetensors(loha_tensors(stem, 4, 4))).modules[stem])
+    module = read_adapter(write_safetensors(loha_tensors(stem, 4, 4))).modules[stem]
     root = torch.nn.Sequential(linear(torch.randn(4, 4)))
     hooks = BypassSet()
-    hooks.add("0", module)
-    hooks.add("blocks.0.ffn.2", module)
+    hook(hooks, "0", module)
+    hook(hooks, "blocks.0.ffn.2", module)
     with pytest.raises(AdapterError, match="no layer blocks.0.ffn.2"):
         hooks.attach(root)
     assert not hooks.attached and not root[0]._forward_hooks  # nothing left half-attached

@@ -157,7 +157,7 @@ def test_diffusers_output_fixes_musubis_wrong_names(entry, tmp_path):
     for path in paths:
         for strength in (1.0, 0.5):
             weight = expected[f"base/{path}.weight"].clone()
-            adapter.modules[f"{prefix}.{path}"].apply_(weight, strength)
+            adapter.modules[f"{prefix}.{path}"].bind().apply_(weight, strength)
             assert rel_err(weight, expected[f"merged/{strength}/{path}.weight"]) <= 1e-5, path
 
 
@@ -194,7 +194,7 @@ def assert_core_loads_completely(path, arch: str, base: dict, merged: dict) -> N
             key, (dim, offset, size) = target[0], target[1]
             assert dim == 0 and len(target) == 2, target
             view = weights[key][offset : offset + size]
-        module.apply_(view, 1.0)
+        module.bind().apply_(view, 1.0)
     for p, want in merged.items():
         key, rows = where[p]
         assert rel_err(weights[key][rows], want) <= 1e-5, p
@@ -281,7 +281,7 @@ def test_lora_diffusers_folds_alpha_and_comes_back(entry, tmp_path):
         assert twin.alpha is None and twin.scale == 1.0
         assert rel_err(delta(twin), delta(module)) <= 1e-6, path
         # each factor carries sqrt(alpha / rank), Musubi's convention
-        up, folded_up = (m.load(m.params["up"].name) for m in (module, twin))
+        up, folded_up = (m.source(m.params["up"].name) for m in (module, twin))
         assert torch.allclose(folded_up, up * 0.5**0.5, rtol=1e-6, atol=0)
 
     back, result = convert(tmp_path, middle, "musubi")

@@ -1,7 +1,8 @@
-"""lycoris_core.loading: the cache, tensor loading with the NaN check, detached modules, the load report."""
+"""lycoris_core.loading: the cache, tensor loading with the NaN check, bound modules, the load report."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 
@@ -10,8 +11,9 @@ import torch
 
 from comfyui_lycoris.lycoris_core import AdapterError
 from comfyui_lycoris.lycoris_core.loading import (
-    detached, is_text_encoder_stem, load_report, load_tensors, read_adapter_cached, weight_shapes, with_tensors,
+    is_text_encoder_stem, load_report, load_tensors, read_adapter_cached, weight_shapes,
 )
+from comfyui_lycoris.lycoris_core.module import BoundModule
 from comfyui_lycoris.lycoris_core.plan import make_plan
 from helpers import MUSUBI, comfy_names, rel_err
 
@@ -25,7 +27,7 @@ def test_cache_keeps_one_parse_per_file_version(tmp_path):
     shutil.copy(MUSUBI / "wan_lokr_r3_a2.safetensors", path)  # replaced on disk: another size
     os.utime(path, ns=(1, 1))
     second = read_adapter_cached(path)
-    assert second is not first and {m.algorithm_name for m in second.modules.values()} == {"lokr"}
+    assert second is not first and {m.algorithm for m in second.modules.values()} == {"lokr"}
     with pytest.raises(AdapterError, match="no such file"):
         read_adapter_cached(tmp_path / "missing.safetensors")
 
@@ -48,18 +50,22 @@ def test_load_tensors_keeps_dtypes_and_refuses_non_finite(write_safetensors):
         load_tensors(plan)
 
 
-def test_detached_module_needs_its_tensors_passed():
+def test_a_module_bound_to_given_tensors_never_reads_its_file():
     adapter = read_adapter_cached(MUSUBI / "wan_lokr_r3_a2.safetensors")
     module = adapter.modules["lora_unet_blocks_0_ffn_0"]
-    spec = detached(module)
-    with pytest.raises(AdapterError, match="tensors must be passed"):
-        spec.delta_weight()
-    tensors = module.tensors()
+    def no_file(key):
+        raise AssertionError(f"{key} was read from the file")
+
+    record = dataclasses.replace(module, source=no_file)
+    with pytest.raises(AssertionError, match="was read from the file"):
+        record.delta_weight()
+    tensors = module.read()
+    bound = BoundModule(record, tensors)
     weight = torch.randn(module.shape)
     want = weight + 0.5 * module.delta_weight()
-    spec.apply_(weight, 0.5, tensors=tensors)
+    bound.apply_(weight, 0.5)
     assert rel_err(weight, want) <= 1e-6
-    assert torch.equal(with_tensors(module, tensors).delta_weight(), module.delta_weight())
+    assert torch.equal(bound.delta_weight(), module.delta_weight())
 
 
 def test_weight_shapes_reads_no_data():

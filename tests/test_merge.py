@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from comfyui_lycoris.lycoris_core import AdapterError, read_adapter
+from comfyui_lycoris.lycoris_core.rows import Rows
 from comfyui_lycoris.lycoris_core.merge import MERGE_METADATA_KEY, merge, parse_adapter_arg
 from helpers import (
     ARCH_OF_PREFIX, MUSUBI, adapter_entries, comfy_location, comfy_names, expected_weights, module_paths, rel_err,
@@ -338,7 +339,7 @@ def test_fused_lokr_onto_split_weights_takes_its_rows(w2_rows, tmp_path, write_s
         assert rel_err(merged[key], base[key] + 0.7 * delta[10 * i : 10 * (i + 1)]) <= 1e-6, key
     for key in set(base) - {f"layers.0.attention.to_{p}.weight" for p in "qkv"}:
         assert torch.equal(merged[key], base[key]), key
-    assert [p.target.source_rows for p in result.plans[0].patches] == [(0, 10), (10, 10), (20, 10)]
+    assert [p.target.source_rows for p in result.plans[0].patches] == [Rows(0, 10), Rows(10, 20), Rows(20, 30)]
 
 
 def test_fused_diff_with_bias_onto_split_weights(tmp_path, write_safetensors):

@@ -25,7 +25,7 @@ def test_delta_weight_reproduces_musubi_merge(entry):
             got = base + float(strength) * module.delta_weight()
             assert rel_err(got, want) <= 1e-5, (path, strength)
             applied = base.clone()
-            module.apply_(applied, float(strength))
+            module.bind().apply_(applied, float(strength))
             assert rel_err(applied, want) <= 1e-5, (path, strength)
 
 
@@ -35,7 +35,7 @@ def test_file_facts_match_manifest(entry):
     assert adapter.format == "musubi"
     assert adapter.metadata == entry["metadata"]
     assert adapter.unknown_keys == []
-    algorithms = {m.algorithm_name for m in adapter.modules.values()}
+    algorithms = {m.algorithm for m in adapter.modules.values()}
     assert algorithms == {entry["algorithm"]}
     scales = sorted({round(m.scale, 6) for m in adapter.modules.values()})
     assert scales == sorted(round(s, 6) for s in entry["scales"])

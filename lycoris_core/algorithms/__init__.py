@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from . import diff, loha, lokr, lora
-from .base import Algorithm, ShapeError
+from .base import Algorithm, RowLayout, ShapeError
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (lora.ALGORITHM, loha.ALGORITHM, lokr.ALGORITHM, diff.ALGORITHM)}
 
-# Parameters any algorithm's module may carry besides its own tensors.
-COMMON_SUFFIXES = {"alpha": "alpha", "dora_scale": "dora_scale"}
+# Parameters any algorithm's module may carry besides its own tensors: alpha, DoRA's magnitude, and
+# a difference for the layer's bias (ComfyUI's trainer writes `diff_b` beside LoRA/LoHa/LoKr tensors).
+COMMON_SUFFIXES = {"alpha": "alpha", "dora_scale": "dora_scale", "diff_b": "diff_b"}
 
 # Every known key suffix -> (algorithm name or None for common, canonical parameter name).
 SUFFIX_INDEX: dict[str, tuple[str | None, str]] = {
@@ -18,4 +19,4 @@ SUFFIX_INDEX: dict[str, tuple[str | None, str]] = {
 }
 SUFFIX_INDEX.update({suffix: (None, canonical) for suffix, canonical in COMMON_SUFFIXES.items()})
 
-__all__ = ["ALGORITHMS", "Algorithm", "COMMON_SUFFIXES", "SUFFIX_INDEX", "ShapeError"]
+__all__ = ["ALGORITHMS", "Algorithm", "COMMON_SUFFIXES", "RowLayout", "SUFFIX_INDEX", "ShapeError"]

@@ -1,19 +1,24 @@
-"""The interface every adapter algorithm implements, as a record of pure functions.
+"""The interface every adapter algorithm implements, as a record of pure functions and facts.
 
-An algorithm module (lora, loha, lokr, diff) defines its tensor names and the functions below and
-ends with `ALGORITHM = Algorithm(...)`. Everything that loads, merges, converts or trains adapters goes
-through this record, so adding an algorithm is one module plus one line in `algorithms/__init__.py`.
+An algorithm module (lora, loha, lokr, diff) defines its tensor names, the functions below and the
+facts about its layout, and ends with `ALGORITHM = Algorithm(...)`. Everything that loads, merges,
+converts or trains adapters goes through this record, so adding an algorithm is one module plus one
+line in `algorithms/__init__.py`.
 
 Tensor dicts are keyed by canonical parameter names (`up`, `hada_w1_a`, `lokr_w2`, ...); shapes are
-the file's. All math is fp32 (callers pass fp32 tensors); `factor` is strength × scale.
+the file's. All math is fp32 (callers pass fp32 tensors); `factor` is strength × scale. Row ranges
+are `Rows` of ΔW.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
+
+from ..rows import Rows
 
 Shapes = Mapping[str, tuple]
 Tensors = Mapping[str, torch.Tensor]
@@ -28,6 +33,25 @@ class ShapeError(ValueError):
 
 
 @dataclass(frozen=True)
+class RowLayout:
+    """How an algorithm's tensors hold the rows of ΔW: what exact regrouping (cutting a module into
+    row parts, stacking parts into one module, reordering rows) may do with them.
+
+    `row_tensors(shapes)`: the tensors whose dim 0 runs along ΔW's rows, each with how many rows of
+    ΔW one of its rows makes (1 for LoRA's `up`; `b` for LoKr's `w1`, each row of which spans a block
+    of `b` rows of kron(w1, w2)). Cutting those tensors cuts ΔW; everything else is shared by all rows.
+    `rank_pairs`: (row factor, rank factor) pairs; stacking modules puts the row factors block-
+    diagonally and the rank factors one under the other, so every part keeps its own rank components.
+    `cannot_stack`: why several modules cannot be stacked into one exactly, or None when they can.
+    `row_tensors` raises ShapeError for a module whose rows cannot be cut at all (Tucker cores).
+    """
+
+    row_tensors: Callable[[Shapes], dict[str, int]]
+    rank_pairs: tuple[tuple[str, str], ...] = ()
+    cannot_stack: str | None = None
+
+
+@dataclass(frozen=True)
 class Algorithm:
     name: str
     # Every spelling of a parameter's key suffix in files -> canonical name.
@@ -38,19 +62,21 @@ class Algorithm:
     rank: Callable[[Shapes], int | None]
     # ΔW (unscaled, fp32), shape weight_shape.
     delta_weight: Callable[[Tensors], torch.Tensor]
-    # Rows [start, stop) of ΔW (unscaled, fp32): for row-blocked work with bounded temporaries.
-    delta_rows: Callable[[Tensors, int, int], torch.Tensor]
-    # target += factor * ΔW[start:stop] in place (target holds those rows; stop None = all rows),
-    # fp32 math with one rounding, without a full-size temporary where the algebra allows.
-    apply_: Callable[[torch.Tensor, Tensors, float, int, int | None], None]
+    # Rows of ΔW (unscaled, fp32): for row-blocked work with bounded temporaries.
+    delta_rows: Callable[[Tensors, Rows], torch.Tensor]
+    # target += factor * ΔW[rows] in place (target holds those rows), fp32 math with one rounding,
+    # without a full-size temporary where the algebra allows.
+    apply_: Callable[[torch.Tensor, Tensors, float, Rows], None]
     # factor·ΔW applied to x (last dim = in features) without building ΔW where cheaper; Linear only.
     # The factor goes onto the smallest operand, never as an extra pass over the output.
     bypass_delta: Callable[[torch.Tensor, Tensors, float], torch.Tensor]
     # The canonical names required for the module to be complete, as alternatives per slot.
     required: tuple[tuple[str, ...], ...]
-    # A bias difference, for algorithms that store one (only `diff`): its parameter and getter.
-    bias_param: str | None = None
-    delta_bias: Callable[[Tensors], torch.Tensor | None] = lambda tensors: None
+    layout: RowLayout
+    # The stored forms, when the algorithm has several (LoKr: "full", "low_rank"), and which one a
+    # module has (None for algorithms with one form).
+    variants: tuple[str, ...] = ()
+    variant: Callable[[Shapes], str | None] = lambda shapes: None
 
 
 def require(shapes: Shapes, name: str) -> tuple:
@@ -64,30 +90,23 @@ def check_matmul(shapes: Shapes, left: str, right: str) -> tuple[int, int]:
     a, b = require(shapes, left), require(shapes, right)
     if len(a) < 2 or len(b) < 2:
         raise ShapeError(f"{left} {list(a)} and {right} {list(b)} must be at least 2-D")
-    inner_a = a[1] * _prod(a[2:])
+    inner_a = a[1] * math.prod(a[2:])
     if inner_a != b[0]:
         raise ShapeError(f"rank mismatch: {left} {list(a)} @ {right} {list(b)}")
-    return a[0], b[1] * _prod(b[2:])
-
-
-def _prod(dims) -> int:
-    n = 1
-    for d in dims:
-        n *= d
-    return n
+    return a[0], b[1] * math.prod(b[2:])
 
 
 def rows_per_chunk(row_elements: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(1, row_elements))
 
 
-def apply_by_rows(
-    target: torch.Tensor, factor: float, start: int, stop: int, delta_rows: Callable[[int, int], torch.Tensor]
-) -> None:
-    """target (= rows start..stop of W) += factor * ΔW[start:stop], one block of rows at a time
-    (fp32 math, one cast per block)."""
-    flat = target.view(stop - start, -1)
+def apply_by_rows(target: torch.Tensor, factor: float, rows: Rows, delta_rows: Callable[[Rows], torch.Tensor]) -> None:
+    """target (= `rows` of W) += factor * ΔW[rows], one block of rows at a time (fp32 math, one
+    cast per block)."""
+    flat = target.view(rows.size, -1)
     step = rows_per_chunk(flat.shape[1])
-    for first in range(start, stop, step):
-        last = min(stop, first + step)
-        flat[first - start : last - start].add_(delta_rows(first, last).reshape(last - first, -1), alpha=factor)
+    for first in range(rows.start, rows.stop, step):
+        block = Rows(first, min(rows.stop, first + step))
+        flat[block.start - rows.start : block.stop - rows.start].add_(
+            delta_rows(block).reshape(block.size, -1), alpha=factor
+        )

@@ -1,12 +1,13 @@
-"""Full difference: ΔW is stored as is (`diff`), with an optional bias difference (`diff_b`)."""
+"""Full difference: ΔW is stored as is (`diff`): any weight, Linear, Conv or a norm's 1-D weight."""
 
 from __future__ import annotations
 
 import torch
 
-from .base import Algorithm, Shapes, Tensors, require
+from ..rows import Rows
+from .base import Algorithm, RowLayout, Shapes, Tensors, require
 
-SUFFIXES = {"diff": "diff", "diff_b": "diff_b"}
+SUFFIXES = {"diff": "diff"}
 
 
 def weight_shape(shapes: Shapes) -> tuple:
@@ -21,16 +22,12 @@ def delta_weight(t: Tensors) -> torch.Tensor:
     return t["diff"]
 
 
-def delta_rows(t: Tensors, start: int, stop: int) -> torch.Tensor:
-    return t["diff"][start:stop]
+def delta_rows(t: Tensors, rows: Rows) -> torch.Tensor:
+    return rows.of(t["diff"])
 
 
-def delta_bias(t: Tensors) -> torch.Tensor | None:
-    return t.get("diff_b")
-
-
-def apply_(weight: torch.Tensor, t: Tensors, factor: float, start: int = 0, stop: int | None = None) -> None:
-    weight.add_(t["diff"][start:stop].reshape(weight.shape), alpha=factor)
+def apply_(weight: torch.Tensor, t: Tensors, factor: float, rows: Rows) -> None:
+    weight.add_(rows.of(t["diff"]).reshape(weight.shape), alpha=factor)
 
 
 def bypass_delta(x: torch.Tensor, t: Tensors, factor: float = 1.0) -> torch.Tensor:
@@ -48,6 +45,5 @@ ALGORITHM = Algorithm(
     apply_=apply_,
     bypass_delta=bypass_delta,
     required=(("diff",),),
-    bias_param="diff_b",
-    delta_bias=delta_bias,
+    layout=RowLayout(row_tensors=lambda shapes: {"diff": 1}),
 )

@@ -2,7 +2,8 @@
 
 Each factor is stored full (`lokr_w1`, `lokr_w2`) or low-rank (`lokr_w1_a` @ `lokr_w1_b`,
 `lokr_w2_a` @ `lokr_w2_b`); `lokr_t2` is a conv Tucker core for w2 (then w2_a is (r, b), w2_b (r, d)).
-Rank (SPEC §2): w2_b.shape[0] if w2 is decomposed, else w1_b.shape[0] if w1 is, else none (scale 1).
+Rank: w2_b.shape[0] if w2 is decomposed, else w1_b.shape[0] if w1 is, else none: with both factors
+full the scale is 1 whatever alpha says (Musubi and LyCORIS then store alpha = network dim).
 
 Nothing here materializes kron at full size: `apply_` adds w1[p,r]·w2[q,s] into a 4-D strided view
 of W in one pass, and `bypass_delta` computes w1 · X · w2ᵀ on the input reshaped to (c, d).
@@ -12,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Algorithm, ShapeError, Shapes, Tensors, apply_by_rows, check_matmul, require
+from ..rows import Rows
+from .base import Algorithm, RowLayout, ShapeError, Shapes, Tensors, apply_by_rows, check_matmul, require
 
 # fp32 elements staged at once when patching a half-precision weight (4 MB, cache-sized).
 STAGE_ELEMENTS = 1 << 20
@@ -57,6 +59,46 @@ def rank(shapes: Shapes) -> int | None:
     return None  # both factors full: scale 1 whatever alpha says
 
 
+def variant(shapes: Shapes) -> str:
+    """'full' when w1 and w2 are both full matrices (scale 1), else 'low_rank'."""
+    return "full" if rank(shapes) is None else "low_rank"
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """Musubi's (= LyCORIS's) split of `dimension` into (m, n), m·n = dimension, m ≤ n.
+
+    A factor that divides the dimension is used as is; otherwise (or for -1) m walks up the
+    divisors while m + n does not grow and m ≤ factor.
+    """
+    if factor > 0 and dimension % factor == 0:
+        m, n = factor, dimension // factor
+        return (m, n) if m <= n else (n, m)
+    cap = dimension if factor < 0 else factor
+    m, n = 1, dimension
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > m + n or new_m > cap:
+            break
+        m, n = new_m, new_n
+    return (m, n) if m <= n else (n, m)
+
+
+def trainable_shapes(out_features: int, in_features: int, rank: int, factor: int = -1) -> dict[str, tuple[int, int]]:
+    """Musubi's LoKr factors for a Linear: lokr_w1 (out_l, in_m) always full; w2 (out_k, in_n) full
+    iff rank ≥ max(out_k, in_n) / 2, else lokr_w2_a @ lokr_w2_b of this rank."""
+    out_l, out_k = factorization(out_features, factor)
+    in_m, in_n = factorization(in_features, factor)
+    shapes = {"lokr_w1": (out_l, in_m)}
+    if rank < max(out_k, in_n) / 2:
+        shapes.update(lokr_w2_a=(out_k, rank), lokr_w2_b=(rank, in_n))
+    else:
+        shapes["lokr_w2"] = (out_k, in_n)
+    return shapes
+
+
 def factors(t: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
     """(w1, w2) as full (small) matrices."""
     w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
@@ -81,12 +123,12 @@ def delta_weight(t: Tensors) -> torch.Tensor:
     return _kron(w1, w2)
 
 
-def delta_rows(t: Tensors, start: int, stop: int) -> torch.Tensor:
-    """Rows [start, stop) of kron(w1, w2): kron of the w1 rows they fall in, then trimmed."""
+def delta_rows(t: Tensors, rows: Rows) -> torch.Tensor:
+    """Rows of kron(w1, w2): kron of the w1 rows they fall in, then trimmed."""
     w1, w2 = factors(t)
     b = w2.shape[0]
-    first, last = start // b, -(-stop // b)
-    return _kron(w1[first:last], w2)[start - first * b : stop - first * b]
+    first, last = rows.start // b, -(-rows.stop // b)
+    return _kron(w1[first:last], w2)[rows.start - first * b : rows.stop - first * b]
 
 
 def _strided_(rows: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, factor: float, p0: int, p1: int) -> None:
@@ -98,20 +140,23 @@ def _strided_(rows: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, factor: fl
     view.addcmul_(w1[p0:p1].view(p1 - p0, 1, c, 1, 1), w2.reshape(1, b, 1, d, -1), value=factor)
 
 
-def apply_(weight: torch.Tensor, t: Tensors, factor: float, start: int = 0, stop: int | None = None) -> None:
+def apply_(weight: torch.Tensor, t: Tensors, factor: float, rows: Rows) -> None:
     w1, w2 = factors(t)
     b = w2.shape[0]
-    stop = w1.shape[0] * b if stop is None else stop
     full = {"lokr_w1": w1, "lokr_w2": w2}
-    first, last = -(-start // b), stop // b  # the whole groups of b rows (one row of w1 each)
+
+    def by_rows(target: torch.Tensor, part: Rows) -> None:
+        apply_by_rows(target, factor, part, lambda block: delta_rows(full, block))
+
+    first, last = -(-rows.start // b), rows.stop // b  # the whole groups of b rows (one row of w1 each)
     if not weight.is_contiguous() or first >= last:
-        apply_by_rows(weight, factor, start, stop, lambda a, z: delta_rows(full, a, z))
+        by_rows(weight, rows)
         return
-    if start < first * b:  # a partial group at the top
-        apply_by_rows(weight[: first * b - start], factor, start, first * b, lambda a, z: delta_rows(full, a, z))
-    if last * b < stop:  # and at the bottom
-        apply_by_rows(weight[last * b - start :], factor, last * b, stop, lambda a, z: delta_rows(full, a, z))
-    middle = weight[first * b - start : last * b - start]
+    if rows.start < first * b:  # a partial group at the top
+        by_rows(weight[: first * b - rows.start], Rows(rows.start, first * b))
+    if last * b < rows.stop:  # and at the bottom
+        by_rows(weight[last * b - rows.start :], Rows(last * b, rows.stop))
+    middle = weight[first * b - rows.start : last * b - rows.start]
     if middle.dtype in (torch.float32, torch.float64):
         _strided_(middle, w1, w2, factor, first, last)
         return
@@ -120,10 +165,10 @@ def apply_(weight: torch.Tensor, t: Tensors, factor: float, start: int = 0, stop
     step = max(1, STAGE_ELEMENTS // (b * middle[0].numel()))
     for p0 in range(first, last, step):
         p1 = min(last, p0 + step)
-        rows = middle[(p0 - first) * b : (p1 - first) * b]
-        work = rows.float()
+        block = middle[(p0 - first) * b : (p1 - first) * b]
+        work = block.float()
         _strided_(work, w1, w2, factor, p0, p1)
-        rows.copy_(work)
+        block.copy_(work)
 
 
 def bypass_delta(x: torch.Tensor, t: Tensors, factor: float = 1.0) -> torch.Tensor:
@@ -143,6 +188,14 @@ def bypass_delta(x: torch.Tensor, t: Tensors, factor: float = 1.0) -> torch.Tens
     return y.reshape(*lead, a * b)
 
 
+def _row_tensors(shapes: Shapes) -> dict[str, int]:
+    """w1's rows, each a block of b = w2.shape[0] rows of ΔW."""
+    w2_rows = shapes["lokr_w2"][0] if "lokr_w2" in shapes else shapes["lokr_w2_a"][0]
+    if "lokr_t2" in shapes:
+        w2_rows = shapes["lokr_w2_a"][1]
+    return {("lokr_w1" if "lokr_w1" in shapes else "lokr_w1_a"): w2_rows}
+
+
 ALGORITHM = Algorithm(
     name="lokr",
     suffixes=SUFFIXES,
@@ -153,4 +206,7 @@ ALGORITHM = Algorithm(
     apply_=apply_,
     bypass_delta=bypass_delta,
     required=(("lokr_w1", "lokr_w1_a"), ("lokr_w2", "lokr_w2_a")),
+    layout=RowLayout(row_tensors=_row_tensors, cannot_stack="LoKr (a Kronecker product) cannot be stacked exactly"),
+    variants=("full", "low_rank"),
+    variant=variant,
 )

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from .base import Algorithm, ShapeError, Shapes, Tensors, apply_by_rows, check_matmul, require
+from ..rows import Rows
+from .base import Algorithm, RowLayout, ShapeError, Shapes, Tensors, apply_by_rows, check_matmul, require
 
 SUFFIXES = {}
 for _up, _down in (
     ("lora_up.weight", "lora_down.weight"),  # kohya / Musubi / LyCORIS
     ("lora_B.weight", "lora_A.weight"),  # PEFT, Musubi "other", ComfyUI trainer
-    ("lora_B.default.weight", "lora_A.default.weight"),  # PEFT with an adapter name
     ("lora.up.weight", "lora.down.weight"),  # diffusers LoRAAttnProcessor
     ("lora_linear_layer.up.weight", "lora_linear_layer.down.weight"),  # old diffusers
 ):
@@ -42,25 +42,24 @@ def rank(shapes: Shapes) -> int:
     return shapes["down"][0]
 
 
-def delta_rows(t: Tensors, start: int, stop: int) -> torch.Tensor:
-    up, down = _flat(t["up"]), t["down"]
+def delta_rows(t: Tensors, rows: Rows) -> torch.Tensor:
+    up, down = rows.of(_flat(t["up"])), t["down"]
     if "mid" in t:
-        return torch.einsum("m n ..., i m, n j -> i j ...", t["mid"], up[start:stop], _flat(down))
-    return up[start:stop] @ _flat(down)
+        return torch.einsum("m n ..., i m, n j -> i j ...", t["mid"], up, _flat(down))
+    return up @ _flat(down)
 
 
 def delta_weight(t: Tensors) -> torch.Tensor:
     shape = weight_shape({k: tuple(v.shape) for k, v in t.items()})
-    return delta_rows(t, 0, shape[0]).reshape(shape)
+    return delta_rows(t, Rows(0, shape[0])).reshape(shape)
 
 
-def apply_(weight: torch.Tensor, t: Tensors, factor: float, start: int = 0, stop: int | None = None) -> None:
-    stop = t["up"].shape[0] if stop is None else stop
+def apply_(weight: torch.Tensor, t: Tensors, factor: float, rows: Rows) -> None:
     if weight.dtype == torch.float32 and "mid" not in t:
         # One fused kernel, no temporary the size of W.
-        weight.view(stop - start, -1).addmm_(_flat(t["up"])[start:stop], _flat(t["down"]), alpha=factor)
+        weight.view(rows.size, -1).addmm_(rows.of(_flat(t["up"])), _flat(t["down"]), alpha=factor)
         return
-    apply_by_rows(weight, factor, start, stop, lambda a, b: delta_rows(t, a, b))
+    apply_by_rows(weight, factor, rows, lambda block: delta_rows(t, block))
 
 
 def bypass_delta(x: torch.Tensor, t: Tensors, factor: float = 1.0) -> torch.Tensor:
@@ -68,6 +67,12 @@ def bypass_delta(x: torch.Tensor, t: Tensors, factor: float = 1.0) -> torch.Tens
         raise ShapeError("bypass of a convolution LoRA is not supported; use patch mode")
     down = t["down"] if factor == 1.0 else t["down"] * factor
     return (x @ down.T) @ _flat(t["up"]).T
+
+
+def _row_tensors(shapes: Shapes) -> dict[str, int]:
+    if "mid" in shapes:
+        raise ShapeError("a Tucker core (lora_mid) mixes every row with every rank component")
+    return {"up": 1}
 
 
 ALGORITHM = Algorithm(
@@ -80,4 +85,5 @@ ALGORITHM = Algorithm(
     apply_=apply_,
     bypass_delta=bypass_delta,
     required=(("up",), ("down",)),
+    layout=RowLayout(row_tensors=_row_tensors, rank_pairs=(("up", "down"),)),
 )

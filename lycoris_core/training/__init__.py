@@ -15,13 +15,12 @@ from .config import TrainingConfig
 from .inject import AdapterSet, Target, inject_adapters, plan_targets
 from .loop import TrainProgress, TrainResult, learning_rate_at, read_checkpoint, train
 from .modules import (
+    TRAINABLE,
     AdaptedLinear,
-    LoHaAdapter,
-    LoKrAdapter,
     TrainableAdapter,
+    TrainableLoHa,
+    TrainableLoKr,
     build_trainable_linear,
-    factorization,
-    lokr_shapes,
     make_adapter,
 )
 from .musubi_file import musubi_hashes, musubi_metadata, save_musubi
@@ -29,18 +28,17 @@ from .musubi_file import musubi_hashes, musubi_metadata, save_musubi
 __all__ = [
     "AdaptedLinear",
     "AdapterSet",
-    "LoHaAdapter",
-    "LoKrAdapter",
+    "TRAINABLE",
     "Target",
     "TrainProgress",
     "TrainResult",
     "TrainableAdapter",
+    "TrainableLoHa",
+    "TrainableLoKr",
     "TrainingConfig",
     "build_trainable_linear",
-    "factorization",
     "inject_adapters",
     "learning_rate_at",
-    "lokr_shapes",
     "make_adapter",
     "musubi_hashes",
     "musubi_metadata",

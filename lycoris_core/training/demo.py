@@ -32,7 +32,7 @@ from ..safetensors_io import SafetensorsReader, save_tensors
 from .config import TrainingConfig
 from .inject import AdapterSet, inject_adapters
 from .loop import TrainProgress, train
-from .modules import factorization
+from ..algorithms.lokr import factorization
 from .musubi_file import save_musubi
 from .plot import loss_chart
 

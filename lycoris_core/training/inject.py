@@ -24,10 +24,12 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import get_device_states, set_device_states
 
-from ..adapter_file import AdapterFile, ModuleAdapter
+from ..adapter_file import AdapterFile
 from ..algorithms import ALGORITHMS
 from ..architectures import ARCHITECTURES, Architecture, Slice, flatten, match_template, template_regex
 from ..errors import AdapterError
+from ..module import ModuleAdapter
+from ..rows import Rows
 from ..safetensors_io import TensorEntry
 from .config import TrainingConfig
 from .modules import TrainableAdapter, make_adapter
@@ -37,20 +39,20 @@ _MARK = "_comfyui_lycoris_trainable"  # set on a Linear while adapters are hooke
 
 @dataclass(frozen=True)
 class Target:
-    """One adapter's place: a Linear of the model, optionally only rows [offset, offset+size)."""
+    """One adapter's place: a Linear of the model, optionally only some of its rows."""
 
     path: str  # the Linear's module path in the model
     musubi_path: str  # Musubi's module path for what the adapter changes (names the file's keys)
     out_features: int
     in_features: int
-    rows: tuple[int, int] | None = None
+    rows: Rows | None = None
 
     @property
     def stem(self) -> str:
         return MUSUBI_PREFIX + flatten(self.musubi_path)
 
 
-def musubi_names(arch: Architecture | None, path: str, shape: tuple[int, int]) -> list[tuple[str, tuple[int, int] | None]]:
+def musubi_names(arch: Architecture | None, path: str, shape: tuple[int, int]) -> list[tuple[str, Rows | None]]:
     """Musubi's module path(s) for the Linear at `path`: [(path, None)] for a plain layer, one
     (path, rows) per part for a weight ComfyUI fuses (q/k/v), the model's own path if unknown."""
     if arch is None:
@@ -123,7 +125,7 @@ def plan_targets(
             if excluded and not any(p.fullmatch(musubi_path) for p in includes):
                 skipped.append(musubi_path)
                 continue
-            out_features = rows[1] if rows else linear.out_features
+            out_features = rows.size if rows else linear.out_features
             targets.append(Target(path, musubi_path, out_features, linear.in_features, rows))
     stems = [t.stem for t in targets]
     if len(set(stems)) != len(stems):
@@ -157,7 +159,7 @@ class AdapterSet(nn.Module):
             raise AdapterError(f"layer {taken[0]} already carries trainable adapters; remove() those first")
         for path, stems in by_linear.items():
             parts = [(self.adapters[s], self.targets[s].rows) for s in stems]
-            parts.sort(key=lambda p: p[1][0] if p[1] else 0)
+            parts.sort(key=lambda p: p[1].start if p[1] else 0)
             linear = linears[path]
             self._hooks.append((linear, linear.register_forward_hook(functools.partial(_add_delta, parts=parts))))
             setattr(linear, _MARK, True)
@@ -218,8 +220,11 @@ class AdapterSet(nn.Module):
         for stem, adapter in self.adapters.items():
             params = {"alpha": entries[f"{stem}.alpha"]}
             params.update({n: entries[f"{stem}.{n}"] for n in adapter.factors()})
+            shapes = {n: e.shape for n, e in params.items()}
+            math = ALGORITHMS[adapter.algorithm]
             modules[stem] = ModuleAdapter(
-                stem, ALGORITHMS[adapter.algorithm], params, float(tensors[f"{stem}.alpha"].item()), tensors.__getitem__
+                stem, math, params, float(tensors[f"{stem}.alpha"].item()), adapter.scale,
+                tuple(math.weight_shape(shapes)), math.rank(shapes), tensors.__getitem__,
             )
         return AdapterFile(
             path=name,
@@ -251,7 +256,7 @@ def _add_delta(linear: nn.Module, args, output, parts):
         return output if delta is None else output + delta.to(output.dtype)
     pieces, position = [], 0
     for adapter, rows in parts:
-        offset, size = rows or (0, output.shape[-1])
+        offset, size = (rows.start, rows.size) if rows else (0, output.shape[-1])
         delta = adapter(x)
         if delta is None:
             continue

@@ -23,53 +23,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..algorithms import ALGORITHMS
 from ..algorithms import loha as loha_algorithm
 from ..algorithms import lokr as lokr_algorithm
 
 MODES = ("bypass", "materialize")
-
-
-def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
-    """Musubi's (= LyCORIS's) LoKr split of `dimension` into (m, n), m·n = dimension, m ≤ n.
-
-    A factor that divides the dimension is used as is; otherwise (or for -1) m walks up the
-    divisors while m + n does not grow and m ≤ factor.
-    """
-    if factor > 0 and dimension % factor == 0:
-        m, n = factor, dimension // factor
-        return (m, n) if m <= n else (n, m)
-    cap = dimension if factor < 0 else factor
-    m, n = 1, dimension
-    while m < n:
-        new_m = m + 1
-        while dimension % new_m:
-            new_m += 1
-        new_n = dimension // new_m
-        if new_m + new_n > m + n or new_m > cap:
-            break
-        m, n = new_m, new_n
-    return (m, n) if m <= n else (n, m)
-
-
-def lokr_shapes(out_features: int, in_features: int, rank: int, factor: int = -1) -> dict[str, tuple[int, int]]:
-    """Musubi's LoKr parameter shapes: lokr_w1 always full; w2 full iff rank ≥ max(w2 shape) / 2."""
-    out_l, out_k = factorization(out_features, factor)
-    in_m, in_n = factorization(in_features, factor)
-    shapes = {"lokr_w1": (out_l, in_m)}
-    if rank < max(out_k, in_n) / 2:
-        shapes.update(lokr_w2_a=(out_k, rank), lokr_w2_b=(rank, in_n))
-    else:
-        shapes["lokr_w2"] = (out_k, in_n)
-    return shapes
-
-
-def loha_shapes(out_features: int, in_features: int, rank: int) -> dict[str, tuple[int, int]]:
-    return {
-        "hada_w1_a": (out_features, rank),
-        "hada_w1_b": (rank, in_features),
-        "hada_w2_a": (out_features, rank),
-        "hada_w2_b": (rank, in_features),
-    }
 
 
 class TrainableAdapter(nn.Module):
@@ -111,8 +69,8 @@ class TrainableAdapter(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """s·ΔW (fp32, no dropout): what a merge at strength 1 adds. For checks, not training."""
         tensors = {k: v.float() for k, v in self.factors().items()}
-        algorithm = lokr_algorithm if self.algorithm == "lokr" else loha_algorithm
-        return algorithm.delta_weight(tensors).reshape(self.out_features, self.in_features) * self.scale
+        delta = ALGORITHMS[self.algorithm].delta_weight(tensors)
+        return delta.reshape(self.out_features, self.in_features) * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """multiplier·s·ΔW·x in the parameters' dtype; None when module dropout skips the layer."""
@@ -138,13 +96,13 @@ class TrainableAdapter(nn.Module):
         return f"{self.algorithm} {self.out_features}x{self.in_features} rank={self.rank} scale={self.scale:g} [{shapes}]"
 
 
-class LoKrAdapter(TrainableAdapter):
+class TrainableLoKr(TrainableAdapter):
     """Musubi `networks.lokr`: lokr_w1 (out_l, in_m) full; w2 (out_k, in_n) low-rank or full."""
 
     algorithm = "lokr"
 
     def __init__(self, out_features: int, in_features: int, rank: int, alpha: float, factor: int = -1, **options):
-        shapes = lokr_shapes(out_features, in_features, rank, factor)
+        shapes = lokr_algorithm.trainable_shapes(out_features, in_features, rank, factor)
         super().__init__(out_features, in_features, rank, alpha, full_matrix="lokr_w2" in shapes, **options)
         self.shapes, self.factor = shapes, factor
         for name, shape in self.shapes.items():
@@ -241,16 +199,17 @@ class _HadaLinear(torch.autograd.Function):
         return (gx.reshape(x.shape) if need_x else None), g1a, g1b, g2a, g2b, None
 
 
-class LoHaAdapter(TrainableAdapter):
+class TrainableLoHa(TrainableAdapter):
     """Musubi `networks.loha`: hada_w1_a (out, r), hada_w1_b (r, in), the same for w2."""
 
     algorithm = "loha"
     # "auto" picks the cheaper of "factored" (rank-r² form) and "rebuild" (_HadaLinear) per call.
     path = "auto"
 
-    def __init__(self, out_features: int, in_features: int, rank: int, alpha: float, **options):
+    def __init__(self, out_features: int, in_features: int, rank: int, alpha: float, factor: int = -1, **options):
+        # `factor` is LoKr's; LoHa's factors have no split to choose.
         super().__init__(out_features, in_features, rank, alpha, **options)
-        self.shapes = loha_shapes(out_features, in_features, rank)
+        self.shapes = loha_algorithm.trainable_shapes(out_features, in_features, rank)
         for name, shape in self.shapes.items():
             self.register_parameter(name, nn.Parameter(torch.empty(shape)))
         self.reset_parameters()
@@ -280,9 +239,7 @@ class LoHaAdapter(TrainableAdapter):
         if path == "auto":
             path = "factored" if self.factored_is_cheaper(x.numel() // self.in_features) else "rebuild"
         if path == "factored":
-            # (w1a w1b) ⊙ (w2a w2b) = U V, U (out, r²) row-wise products, V (r², in) column-wise.
-            u = (w1a[:, :, None] * (w2a[:, None, :] * self.scale)).reshape(self.out_features, -1)
-            v = (w1b[:, None, :] * w2b[None, :, :]).reshape(-1, self.in_features)
+            u, v = loha_algorithm.factored(w1a, w1b, w2a, w2b, self.scale)
             return (x @ v.T) @ u.T
         return _HadaLinear.apply(x, w1a, w1b, w2a, w2b, self.scale)
 
@@ -297,11 +254,13 @@ def make_adapter(
     **options,
 ) -> TrainableAdapter:
     """A freshly initialised trainable adapter (ΔW = 0) on CPU in fp32."""
-    if algorithm == "lokr":
-        return LoKrAdapter(out_features, in_features, rank, alpha, factor=factor, **options)
-    if algorithm == "loha":
-        return LoHaAdapter(out_features, in_features, rank, alpha, **options)
-    raise ValueError(f"unknown algorithm {algorithm!r} (lokr or loha)")
+    if algorithm not in TRAINABLE:
+        raise ValueError(f"unknown algorithm {algorithm!r} ({' or '.join(TRAINABLE)})")
+    return TRAINABLE[algorithm](out_features, in_features, rank, alpha, factor=factor, **options)
+
+
+# The trainable form of each algorithm training supports.
+TRAINABLE: dict[str, type[TrainableAdapter]] = {"lokr": TrainableLoKr, "loha": TrainableLoHa}
 
 
 class AdaptedLinear(nn.Module):

@@ -327,7 +327,7 @@ def test_a_patch_that_does_not_fit_raises_where_core_adapters_log_and_skip(comfy
     adapter = comfy_env.core.read_adapter(MUSUBI / name)
     stem = "lora_unet_blocks_0_ffn_0"  # (40, 10)
     patches_module = importlib.import_module(comfy_env.pack.__name__ + ".nodes.patches")
-    ours = patches_module.LycorisWeightPatch.create(adapter.modules[stem], adapter.modules[stem].tensors(dtype=None))
+    ours = patches_module.LycorisWeightPatch.create(adapter.modules[stem], adapter.modules[stem].read())
     wrong = torch.zeros(30, 10)  # not the layer this module was made for
     misfit = r"lora_unet_blocks_0_ffn_0: lokr produces shape \[40, 10\] but the target weight has shape \[30, 10\]"
     with pytest.raises(ValueError, match=misfit):
@@ -346,12 +346,12 @@ def test_weight_patch_for_one_part_of_a_fused_module(comfy_env, write_safetensor
     gen = torch.Generator().manual_seed(3)
     stem = "diffusion_model.layers.0.attention.qkv"
     module = read_adapter(write_safetensors(loha(stem, 30, 10, gen))).modules[stem]
-    tensors = module.tensors(dtype=None)
+    tensors = module.read()
     delta = module.delta_weight()
     lora = comfy_env.comfy.lora
     for i in range(3):
         key = f"diffusion_model.layers.0.attention.to_{'qkv'[i]}.weight"
-        patch = LycorisWeightPatch.create(module, tensors, source_rows=(10 * i, 10))
+        patch = LycorisWeightPatch.create(module, tensors, source_rows=comfy_env.core.rows.Rows(10 * i, 10 * i + 10))
         rebuilt = lora.prefetch_prepared_value(patch, [0], None, None, False)
         base = torch.randn(10, 10, generator=gen)
         got = lora.calculate_weight([(0.5, rebuilt, 1.0, None, None)], base.clone(), key)
