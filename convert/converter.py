@@ -25,14 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..lycoris_core.adapter_file import AdapterFile, ModuleAdapter, read_adapter
-from ..lycoris_core.architectures import (
-    ARCHITECTURES,
-    SUPPORTED,
-    describe_architecture,
-    flatten,
-    get_architecture,
-)
+from ..lycoris_core.adapter_file import AdapterFile, read_adapter
+from ..lycoris_core.architectures import ARCHITECTURES, SUPPORTED, describe_architecture, get_architecture
 from ..lycoris_core.errors import AdapterError
 from ..lycoris_core.finite import count_nonfinite, describe_nonfinite
 from ..lycoris_core.safetensors_io import (
@@ -40,12 +34,13 @@ from ..lycoris_core.safetensors_io import (
     TensorEntry,
     check_output_path,
 )
-from .names import COMFY_PREFIX, ArchitectureNames, Partition, Site, names_for
-from .regroup import Inexact, ModuleSpec, Source, TensorSpec, fuse, split
+from ..lycoris_core.module import ModuleAdapter
+from ..lycoris_core.naming import COMFY_PREFIX, MUSUBI_PREFIX, AmbiguousName, Naming, Partition, flatten, naming_for
+from ..lycoris_core.rows import Rows
+from .regroup import Inexact, ModuleSpec, Source, TensorSpec, fuse, reorder, split
 
 TARGETS = ("musubi", "diffusers", "comfyui")
 CONVERTED_FROM_KEY = "comfyui_lycoris.converted_from"
-MUSUBI_PREFIX = "lora_unet_"
 DIFFUSERS_PREFIXES = ("diffusion_model", "transformer")  # the two Musubi reads back; others are allowed
 
 # Key suffix of a canonical parameter, per target; anything not listed keeps its canonical name
@@ -147,12 +142,12 @@ def plan_conversion(adapter: AdapterFile, to: str, prefix: str | None = None, ar
             f"{adapter.path}: {len(adapter.unknown_keys)} keys belong to no adapter module and would be lost: "
             + _listing(adapter.unknown_keys)
         )
-    names = names_for(arch_id)
+    naming = naming_for(arch_id)
     loader = _CheckedLoader(adapter.load)
     source = Source(loader, list(adapter.tensors))
-    groups = _group_by_weight(adapter, names)
+    groups = _group_by_weight(adapter, naming)
 
-    builder = _Builder(adapter, names, source, target, prefix)
+    builder = _Builder(adapter, naming, source, target, prefix)
     for group in groups:
         builder.add(group)
     if builder.refused:
@@ -267,6 +262,9 @@ def _listing(items, limit: int = 6) -> str:
 class _Group:
     weight: str
     whole: ModuleAdapter | None = None
+    # For a whole module whose rows come in another order than ComfyUI's: the module's rows in
+    # ComfyUI's order.
+    order: list[Rows] | None = None
     partition: Partition | None = None
     parts: dict[int, ModuleAdapter] = field(default_factory=dict)
 
@@ -275,44 +273,49 @@ class _Group:
         return [self.whole] if self.whole is not None else [self.parts[i] for i in sorted(self.parts)]
 
 
-def _group_by_weight(adapter: AdapterFile, names: ArchitectureNames) -> list[_Group]:
+def _group_by_weight(adapter: AdapterFile, naming: Naming) -> list[_Group]:
     groups: dict[str, _Group] = {}
     unresolved = []
     for stem, module in adapter.modules.items():
         try:
-            site = names.resolve(stem)
-        except AdapterError as e:
+            place = naming.place_of_stem(stem)
+        except AmbiguousName as e:
             raise AdapterError(f"{adapter.path}: {e}") from None
-        if site is None:
+        if place is None:
             unresolved.append(stem)
             continue
-        group = groups.setdefault(site.weight, _Group(site.weight))
-        clash = _clash(group, site)
+        group = groups.setdefault(place.weight, _Group(place.weight))
+        partition = naming.partition(place.weight, place.naming) if place.part is not None else None
+        clash = _clash(group, partition, place.part)
         if clash is not None:
+            path = partition.names[place.part] if partition else place.weight
             raise AdapterError(
-                f"{adapter.path}: modules {clash.stem} and {stem} both adapt {site.path} "
-                f"({describe_architecture(names.arch.id)} weight {site.weight}); keep one"
+                f"{adapter.path}: modules {clash.stem} and {stem} both adapt {path} "
+                f"({describe_architecture(naming.arch.id)} weight {place.weight}); keep one"
             )
-        if site.partition is None:
+        if partition is None:
             group.whole = module
+            if place.rows is not None:  # rows in another order: ComfyUI's rows, where each comes from
+                pieces = sorted(place.rows.pieces(module.shape))
+                group.order = [source for _, source in pieces]
         else:
-            group.partition = site.partition
-            group.parts[site.part] = module
+            group.partition = partition
+            group.parts[place.part] = module
     if unresolved:
         raise AdapterError(
-            f"{adapter.path}: {len(unresolved)} modules match no layer of {describe_architecture(names.arch.id)}: "
+            f"{adapter.path}: {len(unresolved)} modules match no layer of {describe_architecture(naming.arch.id)}: "
             + _listing(unresolved)
             + " (wrong --arch, or layers this pack does not know)"
         )
     return list(groups.values())
 
 
-def _clash(group: _Group, site: Site) -> ModuleAdapter | None:
+def _clash(group: _Group, partition: Partition | None, part: int | None) -> ModuleAdapter | None:
     if group.whole is not None:
         return group.whole
-    if group.parts and (site.partition is None or site.partition != group.partition):
+    if group.parts and (partition is None or partition != group.partition):
         return next(iter(group.parts.values()))
-    return group.parts.get(site.part) if site.partition is not None else None
+    return group.parts.get(part) if partition is not None else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,8 +323,8 @@ def _clash(group: _Group, site: Site) -> ModuleAdapter | None:
 
 
 class _Builder:
-    def __init__(self, adapter: AdapterFile, names: ArchitectureNames, source: Source, target: str, prefix: str | None):
-        self.adapter, self.names, self.source, self.target, self.prefix = adapter, names, source, target, prefix
+    def __init__(self, adapter: AdapterFile, naming: Naming, source: Source, target: str, prefix: str | None):
+        self.adapter, self.naming, self.source, self.target, self.prefix = adapter, naming, source, target, prefix
         self.modules: list[OutputModule] = []
         self.refused: list[tuple[list[str], str, str]] = []  # (stems, weight, reason)
         self.counts: Counter = Counter()
@@ -339,61 +342,83 @@ class _Builder:
     # -- one weight
 
     def add(self, group: _Group) -> None:
+        unheld = [m for m in group.modules if not self._holds(m)]
+        if unheld:
+            self._refuse(group, f"the {self.target} layout holds no full differences (diff, diff_b) of weights or biases, "
+                                "which Musubi Tuner cannot load")
+            return
         if self.target == "comfyui":
             self._add_comfy(group)
         else:
             self._add_musubi(group)
 
+    def _holds(self, module: ModuleAdapter) -> bool:
+        return self.target != "musubi" or (module.algorithm != "diff" and not module.has_bias_delta)
+
+    def _whole(self, group: _Group) -> ModuleSpec:
+        """The group's whole module, its rows put in ComfyUI's order where they came in another."""
+        if group.order is None:
+            return self.source.module(group.whole)
+        return reorder(group.whole, group.order, self.source)
+
     def _add_comfy(self, group: _Group) -> None:
         if group.whole is not None:
-            self._emit(self._stem(group.weight), self.source.module(group.whole), [group.whole], "renamed")
+            try:
+                self._emit(self._stem(group.weight), self._whole(group), [group.whole], "renamed")
+            except Inexact as why:
+                self._refuse(group, f"its rows come in another order than ComfyUI's {{weights}}, and {why}")
             return
         try:
             self._emit(self._stem(group.weight), self._fuse(group), group.modules, "fused")
             return
         except Inexact as why:
             reason = str(why)
-        prefix = self.names.comfy_slice_prefix(group.partition)
+        prefix = self.naming.comfy_slice_prefix(group.partition)
         if prefix is None:
             self._refuse(group, "ComfyUI core fuses them into {weights} and maps no name onto their row slices, and " + reason)
             return
         for i, module in sorted(group.parts.items()):
             self._emit(prefix + group.partition.names[i], self.source.module(module), [module], "kept as slices")
         note = (
-            "LoKr parts of fused weights keep their own names, which ComfyUI core's LoraLoader maps onto row "
-            "slices; core's bypass loaders drop sliced targets, so use the plain LoraLoader (or LycorisLoader)"
+            f"{group.modules[0].algorithm} parts of fused weights keep their own names, which ComfyUI core's LoraLoader "
+            "maps onto row slices; core's bypass loaders drop sliced targets, so use the plain LoraLoader (or LycorisLoader)"
         )
         if note not in self.notes:
             self.notes.append(note)
 
     def _add_musubi(self, group: _Group) -> None:
-        partition = self.names.musubi_partition(group.weight)
-        if partition is None:  # Musubi keeps this weight whole
-            stem = self._stem(self.names.musubi_path(group.weight))
+        names = self.naming.musubi_names(group.weight)
+        if isinstance(names, str):  # Musubi keeps this weight whole
+            stem = self._stem(names)
             if group.whole is not None:
-                self._emit(stem, self.source.module(group.whole), [group.whole], "renamed")
+                try:
+                    self._emit(stem, self._whole(group), [group.whole], "renamed")
+                except Inexact as why:
+                    self._refuse(group, f"its rows come in another order than Musubi's {{weights}}, and {why}")
                 return
             try:
                 self._emit(stem, self._fuse(group), group.modules, "fused")
             except Inexact as why:
-                self._refuse(group, f"Musubi's model has one weight for them ({self.names.musubi_path(group.weight)}), and {why}")
+                self._refuse(group, f"Musubi's model has one weight for them ({names}), and {why}")
             return
         if group.whole is not None:  # a fused ComfyUI-layout module, Musubi has the parts
             module = group.whole
             try:
-                rows = partition.rows(group.weight, module.shape)
-                specs = split(module, rows, self.source)
+                if group.order is not None:
+                    raise Inexact("its rows come in another order")
+                specs = split(module, names.rows(module.shape), self.source)
             except (Inexact, AdapterError) as why:
-                self._refuse(group, f"Musubi splits {{weights}} into {', '.join(partition.names)}, and {why}")
+                self._refuse(group, f"Musubi splits {{weights}} into {', '.join(names.names)}, and {why}")
                 return
-            for name, spec in zip(partition.names, specs):
+            for name, spec in zip(names.names, specs):
                 self._emit(self._stem(name), spec, [module], "split")
             return
-        if group.partition != partition:
-            self._refuse(group, f"they split {{weights}} differently from Musubi ({', '.join(partition.names)})")
-            return
+        if group.partition.names != names.names:  # parts in another naming: same rows, Musubi's names
+            if group.partition.sizes != names.sizes:
+                self._refuse(group, f"they split {{weights}} differently from Musubi ({', '.join(names.names)})")
+                return
         for i, module in sorted(group.parts.items()):
-            self._emit(self._stem(partition.names[i]), self.source.module(module), [module], "renamed")
+            self._emit(self._stem(names.names[i]), self.source.module(module), [module], "renamed")
 
     def _fuse(self, group: _Group) -> ModuleSpec:
         sizes = _part_sizes(group.partition, group.parts)
@@ -433,7 +458,8 @@ class _Builder:
         """One line for every refused weight, grouped under the first reason given."""
         stems = [s for refused in self.refused for s in refused[0]]
         weights = [refused[1] for refused in self.refused if refused[2] == self.refused[0][2]]
-        reason = self.refused[0][2].format(weights=_listing(weights, 3))
+        # `replace`, not `format`: the reason quotes stems, which may hold braces of their own
+        reason = self.refused[0][2].replace("{weights}", _listing(weights, 3))
         hint = "; this pack's LycorisLoader loads its musubi or diffusers layout" if self.target == "comfyui" else ""
         return (
             f"cannot write the {self.target} layout exactly for {len(stems)} modules ({_listing(stems)}): "

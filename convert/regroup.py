@@ -253,3 +253,22 @@ def _rank_blocks(module, rank_pairs, rows: list[Rows], source) -> dict[str, list
                 return None
         blocks[a] = [Rows(i * width, (i + 1) * width) for i in range(n)]
     return blocks or None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reorder
+
+
+def reorder(module: ModuleAdapter, order: list[Rows], source: Source) -> ModuleSpec:
+    """The module with its ΔW rows in another order: output rows are `order`'s rows of `module`, one
+    after the other (e.g. the two halves swapped). Exact for every algorithm whose row tensors can be
+    cut there; the rank and alpha stay as they are."""
+    row_tensors = _row_tensors(module)
+    params = {name: source.spec(module, name) for name in module.params}
+    for name, unit in row_tensors.items():
+        if any(r.start % unit or r.stop % unit for r in order):
+            raise Inexact(f"its {name} comes in blocks of {unit} rows of ΔW, which do not line up with {[str(r) for r in order]}")
+        spec = params[name]
+        pieces = [_cut(spec, Rows(r.start // unit, r.stop // unit)) for r in order]
+        params[name] = TensorSpec(spec.dtype, spec.shape, lambda pieces=pieces: torch.cat([p.make() for p in pieces]), spec.order)
+    return ModuleSpec(module.algorithm, params)

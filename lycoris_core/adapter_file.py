@@ -19,7 +19,7 @@ from typing import Mapping
 import torch
 
 from .algorithms import ALGORITHMS, SUFFIX_INDEX, Algorithm, ShapeError
-from .architectures import detect_file_architecture, refine_format
+from .detection import detect_file_architecture, uses_comfy_names
 from .errors import AdapterError
 from .finite import count_nonfinite, describe_nonfinite
 from .module import ALPHA, BIAS, DORA, ModuleAdapter, TensorSource
@@ -192,7 +192,8 @@ def read_adapter(path: str | os.PathLike, lokr_full_matrix_alpha: bool = False) 
         load=load,
     )
     adapter.architecture = detect_file_architecture(adapter)
-    adapter.format = refine_format(adapter.format, adapter.modules, adapter.architecture)
+    if adapter.format == "diffusers" and uses_comfy_names(list(modules), adapter.architecture):
+        adapter.format = "comfyui"
     return adapter
 
 

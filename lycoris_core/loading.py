@@ -87,15 +87,6 @@ def load_tensors(
     return loaded
 
 
-# Key stems of text-encoder modules in kohya/Musubi (`lora_te_`, `lora_te1_`...) and Diffusers files.
-_TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "text_encoder.", "text_encoder_2.", "text_encoders.")
-
-
-def is_text_encoder_stem(stem: str) -> bool:
-    """A module for a text encoder, not for the diffusion model (this pack patches diffusion models)."""
-    return stem.startswith(_TEXT_ENCODER_PREFIXES)
-
-
 def _algorithm_counts(modules: Iterable[ModuleAdapter]) -> str:
     modules = list(modules)
     counts = Counter(m.algorithm for m in modules)

@@ -1,10 +1,12 @@
 """The load plan: which weight of a model each adapter module changes, decided before anything is.
 
-Matching runs forward: every weight name of the model is expanded into the names the same layer
-has in the other namings of its architecture (Musubi/original, ComfyUI, Diffusers; fused q/k/v as
-row slices), each flattened ('.' -> '_'). An adapter stem, flattened the same way, matches when a
-suffix of it (after a key-family prefix such as `lora_unet_` or `diffusion_model.`) is one of those
-names. Dots are never rebuilt from underscores.
+Both sides are resolved through `naming.py` to ComfyUI's whole weights. Each of the model's weight
+keys holds some rows of one of them: all (a model in ComfyUI's or the original naming), one part
+(a model that stores q, k and v of a fused `qkv` apart), or all in another order (Diffusers' final
+AdaLN layer). Each adapter stem stands for some rows of one of them, the same way. A module then
+lands on the keys that hold its rows, each `Target` saying which rows of the key take which rows of
+the module's ΔW, so a q/k/v part lands on a slice of a fused weight, a fused module lands on split
+weights, and swapped halves land swapped.
 """
 
 from __future__ import annotations
@@ -12,29 +14,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from .adapter_file import AdapterFile, ModuleAdapter
-from .architectures import (
-    ARCHITECTURES,
-    Architecture,
-    Slice,
-    describe_architecture,
-    detect_model_architecture,
-    explained_count,
-    flatten,
-    get_architecture,
-    match_template,
-    module_path,
-)
+from .adapter_file import AdapterFile
+from .architectures import ARCHITECTURES, Part, describe_architecture, get_architecture
+from .detection import detect_model_architecture, explained_count
 from .errors import AdapterError
+from .module import ModuleAdapter
+from .naming import AmbiguousName, Naming, Place, module_path, naming_for, stem_paths
 from .rows import Rows
 
 
 @dataclass(frozen=True)
 class Target:
     key: str  # the model's weight key, exactly as the model names it
-    rows: Rows | None  # the rows of a fused weight the module lands on, or None: the whole weight
-    # The module's ΔW rows that land on this weight, when one fused module (a ComfyUI-layout qkv)
-    # spans several split weights of the model; None: all of them
+    rows: Rows | None  # the rows of that weight the module lands on, or None: all of them
+    # The rows of the module's ΔW that land there (a fused module on split weights, swapped halves);
+    # None: all of them, in order
     source_rows: Rows | None = None
 
     def where(self) -> str:
@@ -46,7 +40,7 @@ class Patch:
     stem: str
     module: ModuleAdapter
     target: Target
-    bias_key: str | None = None  # where a diff module's bias difference goes
+    bias_key: str | None = None  # where the module's bias difference goes
 
 
 @dataclass
@@ -59,7 +53,7 @@ class LoadPlan:
 
     @property
     def modules_applied(self) -> int:
-        """Modules of the file that were planned (a fused module on split weights counts once)."""
+        """Modules of the file that were planned (a module over several weights counts once)."""
         return len({patch.stem for patch in self.patches})
 
     def by_key(self) -> dict[str, list[Patch]]:
@@ -73,7 +67,7 @@ class LoadPlan:
         for patch in {p.stem: p for p in self.patches}.values():
             algorithms[patch.module.algorithm] = algorithms.get(patch.module.algorithm, 0) + 1
         counts = ", ".join(f"{n} {a}" for a, n in sorted(algorithms.items()))
-        fused = sum(p.target.rows is not None for p in self.patches)
+        fused = sum(p.target.rows is not None and p.target.source_rows is None for p in self.patches)
         split = len({p.stem for p in self.patches if p.target.source_rows is not None})
         text = (
             f"{self.modules_applied}/{len(self.adapter.modules)} modules matched ({counts}) on "
@@ -88,121 +82,108 @@ class LoadPlan:
         return text
 
 
-class _Ambiguous:
-    """Marks a flattened name two different weights answer to."""
-
-    def __init__(self, *targets: Target):
-        self.targets = targets
+class _Unusable(AdapterError):
+    """The model's pieces of a weight do not make the weight a name stands for: the module is unmatched."""
 
 
 @dataclass(frozen=True)
-class _Split:
-    """A fused weight's name (e.g. ComfyUI's `attention.qkv`) in a model that stores it split: the
-    parts, in row order, each with the rows of a fused module's ΔW it takes."""
+class _Segment:
+    """Rows of a ComfyUI weight held by one key of the model, from row `offset` of that key on."""
 
-    name: str
-    parts: tuple[Target, ...]
-
-
-def _weight_keys(weight_shapes: Mapping[str, tuple]) -> dict[str, tuple]:
-    """Adaptable weights: `.weight` tensors of Linear/Conv layers."""
-    return {k: tuple(s) for k, s in weight_shapes.items() if k.endswith(".weight") and len(s) >= 2}
+    key: str
+    rows: Rows  # rows of the ComfyUI weight
+    offset: int
 
 
-def _names_of(path: str, shape: tuple, arch: Architecture | None) -> dict[str, Rows | None]:
-    """Every module path (any naming) that denotes this model weight, with its row slice if any."""
-    names: dict[str, tuple[int, int] | None] = {path: None}
-    if arch is None:
-        return names
-    for musubi, comfy in arch.layers:
-        groups = match_template(musubi, path)
-        if groups is not None:
-            if isinstance(comfy, str):
-                names.setdefault(comfy.format(**groups), None)
-            continue
-        if isinstance(comfy, str):
-            groups = match_template(comfy, path)
-            if groups is not None:
-                names.setdefault(musubi.format(**groups), None)
-        else:
-            groups = match_template(comfy.fused, path)
-            if groups is not None:
-                names.setdefault(musubi.format(**groups), comfy.rows(shape))
-    for alias, target in arch.aliases:
-        if isinstance(target, Slice):
-            groups = match_template(target.fused, path)
-            if groups is not None:
-                names.setdefault(alias.format(**groups), target.rows(shape))
-        else:
-            groups = match_template(target, path)
-            if groups is not None:
-                names.setdefault(alias.format(**groups), None)
-    return names
+class ModelWeights:
+    """The model's weights by the ComfyUI weight they hold: key -> segments of rows."""
 
+    def __init__(self, weight_shapes: Mapping[str, tuple], naming: Naming):
+        self.shapes = {k: tuple(s) for k, s in weight_shapes.items()}
+        self._held: dict[str, list[tuple[str, Place]]] = {}
+        for key in self.shapes:
+            if key.endswith(".weight"):
+                path = module_path(key)
+                try:
+                    place = naming.place(path)
+                except AmbiguousName:
+                    place = Place(path)
+                self._held.setdefault(place.weight, []).append((key, place))
 
-def _split_weights(weights: Mapping[str, tuple], arch: Architecture) -> dict[str, _Split]:
-    """Fused names whose parts the model has as separate weights (all parts, consistent shapes)."""
-    groups: dict[str, dict[int, tuple[str, tuple, Slice]]] = {}
-    for key, shape in weights.items():
-        path = module_path(key)
-        for musubi, comfy in arch.layers:
-            if isinstance(comfy, Slice):
-                found = match_template(musubi, path)
-                if found is not None:
-                    groups.setdefault(comfy.fused.format(**found), {})[comfy.index] = (key, shape, comfy)
-    splits = {}
-    for name, parts in groups.items():
-        count = len(next(iter(parts.values()))[2].sizes)
-        if sorted(parts) != list(range(count)) or len({shape[1:] for _, shape, _ in parts.values()}) != 1:
-            continue  # a part missing, or parts of different widths: not the pieces of one fused weight
-        fused_shape = (sum(shape[0] for _, shape, _ in parts.values()), *parts[0][1][1:])
-        targets, offset = [], 0
-        for i in range(count):
-            key, shape, _ = parts[i]
-            targets.append(Target(key, None, Rows(offset, offset + shape[0])))
-            offset += shape[0]
-        if any(_rows_in(parts[i][2], fused_shape) != t.source_rows for i, t in enumerate(targets)):
-            continue  # sizes the architecture's fused weight would not have (e.g. unequal q/k/v)
-        splits[name] = _Split(name, tuple(targets))
-    return splits
+    def __contains__(self, weight: str) -> bool:
+        return weight in self._held
 
+    def shape_and_segments(self, weight: str) -> tuple[tuple, list[_Segment]]:
+        """The whole ComfyUI weight's shape and where the model keeps its rows. Raises AdapterError
+        when the model's pieces of it do not make one weight."""
+        held = self._held[weight]
+        parts = {place.rows.index: (key, place.rows) for key, place in held if isinstance(place.rows, Part)}
+        whole = [(key, place) for key, place in held if not isinstance(place.rows, Part)]
+        if whole:  # a weight the model has whole is used whole, whatever parts sit beside it
+            key, place = whole[0]
+            shape = self.shapes[key]
+            if place.rows is None:
+                return shape, [_Segment(key, Rows(0, shape[0]), 0)]
+            return shape, [_Segment(key, dest, source.start if source else 0) for dest, source in place.rows.pieces(shape)]
+        rule = next(iter(parts.values()))[1]
+        tails = {self.shapes[key][1:] for key, _ in parts.values()}
+        listed = ", ".join(parts[i][0] for i in sorted(parts))
+        if sorted(parts) != list(range(len(rule.sizes))) or len(tails) != 1:
+            raise _Unusable(f"the model stores {weight} in parts that do not make one weight ({listed})")
+        fused = (sum(self.shapes[parts[i][0]][0] for i in parts), *tails.pop())
+        segments, start = [], 0
+        for i in range(len(rule.sizes)):
+            key = parts[i][0]
+            rows = Rows(start, start + self.shapes[key][0])
+            try:
+                fits = Part(i, rule.sizes).rows(fused) == rows
+            except AdapterError:
+                fits = False
+            if not fits:
+                raise _Unusable(f"the model's {listed} are not the parts of one {weight} of shape {list(fused)}")
+            segments.append(_Segment(key, rows, 0))
+            start = rows.stop
+        return fused, segments
 
-def _rows_in(part: Slice, fused_shape: tuple) -> Rows | None:
-    try:
-        return part.rows(fused_shape)
-    except AdapterError:
+    def find(self, stem: str, naming: Naming) -> Place | None:
+        """The place of an adapter stem in this model: by the architecture's names, else by the
+        model's own module paths (names no record knows). Raises AmbiguousName."""
+        place = naming.place_of_stem(stem)
+        if place is not None:
+            return place
+        for path, flat in stem_paths(stem):
+            if not flat and path in self._held:
+                return Place(path)
         return None
 
 
-def build_name_index(weight_shapes: Mapping[str, tuple], arch: Architecture | None) -> dict[str, object]:
-    """Flattened name -> Target (or _Ambiguous, or _Split), for every adaptable weight of a model."""
-    index: dict[str, object] = {}
-    weights = _weight_keys(weight_shapes)
-    if arch is not None:
-        # Registered first: a name the model really has (a fused weight) replaces its split form.
-        index.update({flatten(name): split for name, split in _split_weights(weights, arch).items()})
-    for key, shape in weights.items():
-        for name, rows in _names_of(module_path(key), shape, arch).items():
-            flat, target = flatten(name), Target(key, rows)
-            existing = index.get(flat)
-            if existing is None or existing == target or isinstance(existing, _Split):
-                index[flat] = target
-            elif isinstance(existing, _Ambiguous):
-                existing.targets += (target,)
-            else:
-                index[flat] = _Ambiguous(existing, target)
-    return index
-
-
-def match_stem(stem: str, index: Mapping[str, object]) -> object | None:
-    """The index entry whose name is the longest suffix of the flattened stem (after a prefix)."""
-    flat = flatten(stem)
-    starts = [0] + [i + 1 for i, c in enumerate(flat) if c == "_"]
-    for start in starts:
-        found = index.get(flat[start:])
-        if found is not None:
-            return found
-    return None
+def _targets(place: Place, module: ModuleAdapter, model: ModelWeights) -> tuple[list[Target], str]:
+    """Where a module with this place lands in the model, and a description for messages.
+    Raises AdapterError when its shape does not fit."""
+    shape, segments = model.shape_and_segments(place.weight)
+    pieces = [(Rows(0, shape[0]), None)] if place.rows is None else place.rows.pieces(shape)
+    module_rows = sum(dest.size for dest, _ in pieces)
+    expected = (module_rows, *shape[1:])
+    keys = list(dict.fromkeys(s.key for s in segments))
+    if len(keys) > 1:
+        where = f"{place.weight} (split as {', '.join(keys)})"
+    else:
+        where = keys[0] + ("" if place.rows is None else f" rows {', '.join(str(d) for d, _ in pieces)}")
+    if not module.fits(expected):
+        raise AdapterError(f"module {module.stem} ({module.algorithm}) produces {list(module.shape)} but {where} is {list(expected)}")
+    targets = []
+    for dest, source in pieces:
+        source = source or Rows(0, dest.size)
+        for segment in segments:
+            overlap = dest.overlap(segment.rows)
+            if overlap is None:
+                continue
+            key_rows = overlap.shifted(segment.offset - segment.rows.start)
+            module_part = overlap.shifted(source.start - dest.start)
+            whole_key = key_rows == Rows(0, model.shapes[segment.key][0])
+            targets.append(Target(segment.key, None if whole_key else key_rows,
+                                  None if module_part == Rows(0, module_rows) else module_part))
+    return targets, where
 
 
 def resolve_architecture(adapter: AdapterFile, weight_names, architecture: str = "auto") -> tuple[str | None, str | None]:
@@ -221,8 +202,9 @@ def resolve_architecture(adapter: AdapterFile, weight_names, architecture: str =
         raise AdapterError(f"{adapter.path}: {ARCHITECTURES[file_arch].refused}")
     if file_arch and model_arch and file_arch != model_arch:
         stems = list(adapter.modules)
-        # Some namings are shared (FLUX.1 and HunyuanVideo in ComfyUI naming): the model decides
-        # when its architecture names the file's modules as well as the file's own guess does.
+        # Some names are shared (FLUX.1 and HunyuanVideo in ComfyUI naming, HunyuanVideo's Diffusers
+        # names and FramePack's): the model decides when its architecture names the file's modules
+        # as well as the file's own guess does.
         if explained_count(model_arch, stems) < explained_count(file_arch, stems):
             raise AdapterError(
                 f"{adapter.path} is an adapter for {describe_architecture(file_arch)}, but the model is "
@@ -239,42 +221,38 @@ def make_plan(adapter: AdapterFile, weight_shapes: Mapping[str, tuple], architec
     the model are listed in `unmatched`.
     """
     chosen, model_arch = resolve_architecture(adapter, weight_shapes.keys(), architecture)
-    index = build_name_index(weight_shapes, ARCHITECTURES.get(chosen) if chosen else None)
+    naming = naming_for(chosen)
+    model = ModelWeights(weight_shapes, naming)
     patches: list[Patch] = []
     unmatched: dict[str, str] = {}
     misfits: list[str] = []
     for stem, module in adapter.modules.items():
-        found = match_stem(stem, index)
-        if found is None:
+        try:
+            place = model.find(stem, naming)
+        except AmbiguousName as e:
+            unmatched[stem] = f"ambiguous: {e}"
+            continue
+        if place is None or place.weight not in model:
             unmatched[stem] = "no weight of the model has this name"
             continue
-        if isinstance(found, _Ambiguous):
-            unmatched[stem] = "ambiguous: " + ", ".join(t.key for t in found.targets)
+        try:
+            targets, where = _targets(place, module, model)
+        except _Unusable as e:
+            unmatched[stem] = str(e)
             continue
-        if isinstance(found, _Split):
-            targets = found.parts
-            first = tuple(weight_shapes[targets[0].key])
-            shape = (sum(t.source_rows.size for t in targets), *first[1:])
-            where = f"{found.name} (split as {', '.join(t.key for t in targets)})"
-            if module.has_dora:
-                # Its magnitude is defined on the whole fused weight, which this model never holds.
-                unmatched[stem] = f"DoRA module on the fused {found.name}, which this model stores split"
-                continue
-        else:
-            targets = (found,)
-            shape = tuple(weight_shapes[found.key])
-            if found.rows is not None:
-                shape = (found.rows.size, *shape[1:])
-            where = found.where()
-        if not module.fits(shape):
-            misfits.append(f"module {stem} ({module.algorithm}) produces {list(module.shape)} but {where} is {list(shape)}")
+        except AdapterError as e:
+            misfits.append(str(e))
+            continue
+        if module.has_dora and (len(targets) > 1 or targets[0].source_rows is not None):
+            # Its magnitude is defined on rows the model keeps in several places.
+            unmatched[stem] = f"DoRA module on {where}, whose rows the model keeps apart"
             continue
         planned = []
         for target in targets:
             bias_key = None
             if module.has_bias_delta:
                 bias_key = target.key[: -len("weight")] + "bias"
-                if bias_key not in weight_shapes:
+                if bias_key not in model.shapes:
                     misfits.append(f"module {stem} carries a bias difference but the model has no {bias_key}")
                     break
             planned.append(Patch(stem, module, target, bias_key))

@@ -6,7 +6,8 @@ import comfy.utils
 from comfy_api.latest import io, ui
 
 from ..lycoris_core.architectures import SUPPORTED
-from ..lycoris_core.loading import is_text_encoder_stem, load_report, load_tensors, read_adapter_cached, weight_shapes
+from ..lycoris_core.loading import load_report, load_tensors, read_adapter_cached, weight_shapes
+from ..lycoris_core.naming import is_text_encoder_stem
 from ..lycoris_core.plan import make_plan
 from .common import CATEGORY, adapter_fingerprint, adapter_name_input, adapter_path, lokr_full_matrix_alpha_input, show_text
 from .patches import add_bypass_hooks, add_weight_patches, delegate_text_encoder

@@ -26,7 +26,8 @@ from comfy_api.latest import io, ui
 
 from ..convert import convert_file
 from ..convert.converter import DIFFUSERS_PREFIXES
-from ..lycoris_core.architectures import SUPPORTED, describe_architecture, detect_model_architecture
+from ..lycoris_core.architectures import SUPPORTED, describe_architecture
+from ..lycoris_core.detection import detect_model_architecture
 from ..lycoris_core.errors import AdapterError
 from ..lycoris_core.loading import load_report, load_tensors, weight_shapes
 from ..lycoris_core.plan import make_plan

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from comfyui_lycoris.lycoris_core import AdapterError, read_adapter
-from comfyui_lycoris.lycoris_core.architectures import (
-    ARCHITECTURES, Slice, detect_adapter_architecture, detect_model_architecture, match_template, module_path,
-)
+from comfyui_lycoris.lycoris_core.architectures import Part
+from comfyui_lycoris.lycoris_core.detection import detect_adapter_architecture, detect_model_architecture
+from comfyui_lycoris.lycoris_core.naming import module_path, naming_for
 from comfyui_lycoris.lycoris_core.plan import make_plan
 from comfyui_lycoris.lycoris_core.rows import Rows
 from helpers import ARCH_OF_PREFIX, COMFY_MODELS, MUSUBI, adapter_entries, comfy_names, expected_weights
@@ -39,27 +39,21 @@ def test_model_architecture_from_real_comfyui_names(arch):
     assert detect_model_architecture(["diffusion_model." + n for n in comfy_names(arch)]) == arch
 
 
-def comfy_side_templates(arch):
-    for musubi, comfy in ARCHITECTURES[arch].layers:
-        yield comfy.fused if isinstance(comfy, Slice) else comfy
-
-
 @pytest.mark.parametrize("arch", COMFY_ARCHS)
 def test_registry_names_every_linear_of_the_comfyui_model(arch):
     """Each 2-D weight of ComfyUI's real model is a layer the registry knows (so no target is missed)."""
+    naming = naming_for(arch)
     unknown = [
         name for name, shape in comfy_names(arch).items()
-        if name.endswith(".weight") and len(shape) == 2
-        and not any(match_template(t, module_path(name)) is not None for t in comfy_side_templates(arch))
+        if name.endswith(".weight") and len(shape) == 2 and naming.place(module_path(name)).naming is None
     ]
-    allowed_unknown = {"cond_type_embedding"}  # an nn.Embedding, not a Linear
-    assert [u for u in unknown if module_path(u) not in allowed_unknown] == []
+    assert unknown == []
 
 
-def test_slice_rules():
-    third = Slice("x.qkv", 1, ("third", "third", "third"))
+def test_part_rules():
+    third = Part(1, ("third", "third", "third"))
     assert third.rows((30, 10)) == Rows(10, 20)
-    linear1 = Slice("x.linear1", 3, ("in", "in", "in", "rest"))
+    linear1 = Part(3, ("in", "in", "in", "rest"))
     assert linear1.rows((70, 10)) == Rows(30, 70)
     with pytest.raises(AdapterError, match="three equal parts"):
         third.rows((31, 10))

@@ -14,9 +14,9 @@ import pytest
 import torch
 from comfyui_lycoris.cli import main
 from comfyui_lycoris.convert import CONVERTED_FROM_KEY, convert_file, plan_conversion
-from comfyui_lycoris.convert.names import ArchitectureNames
 from comfyui_lycoris.lycoris_core import AdapterError, read_adapter, safetensors_io
-from comfyui_lycoris.lycoris_core.architectures import Architecture
+from comfyui_lycoris.lycoris_core.architectures import Architecture, same
+from comfyui_lycoris.lycoris_core.naming import Naming
 from helpers import (
     ARCH_OF_PREFIX,
     COMFY_MODELS,
@@ -545,12 +545,11 @@ def test_options_are_checked(tmp_path):
 
 
 def test_a_name_that_fits_two_layers_is_an_error():
-    arch = Architecture(id="toy", title="Toy", musubi_versions=(), default_excludes=(),
-                        layers=(("a.b_c", "a.b_c"), ("a_b.c", "a_b.c")))
-    names = ArchitectureNames(arch)
-    assert names.resolve("diffusion_model.a.b_c").path == "a.b_c"  # dotted names decide
+    arch = Architecture(id="toy", title="Toy", musubi_versions=(), default_excludes=(), names=same("a.b_c", "a_b.c"))
+    names = Naming(arch)
+    assert names.place_of_stem("diffusion_model.a.b_c").weight == "a.b_c"  # dotted names decide
     with pytest.raises(AdapterError, match=r"fits several layers of Toy \(a\.b_c, a_b\.c\)"):
-        names.resolve("lora_unet_a_b_c")
+        names.place_of_stem("lora_unet_a_b_c")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -112,20 +112,30 @@ def factors(t: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
     return w1, w2
 
 
+def _row_blocks(w2: torch.Tensor) -> bool:
+    """Whether ΔW's rows are blocks of b rows, one per row of w1: Linear and Conv2d factors. For
+    other conv ranks LyCORIS and ComfyUI both take torch.kron of the 2-D w1 and the n-D w2 as it
+    broadcasts (w1 as (1, ..., a, c)) and reshape the result to the weight; files trained by them
+    mean that arrangement, so it is kept, built whole."""
+    return w2.dim() in (2, 4)
+
+
 def _kron(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    if w2.dim() > 2:
-        w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - 2)))
+    if w2.dim() == 4:  # Conv2d: w1's entries scale whole kernels, as in LyCORIS and ComfyUI
+        w1 = w1[:, :, None, None]
     return torch.kron(w1, w2)
 
 
 def delta_weight(t: Tensors) -> torch.Tensor:
     w1, w2 = factors(t)
-    return _kron(w1, w2)
+    return _kron(w1, w2).reshape(weight_shape({"lokr_w1": w1.shape, "lokr_w2": w2.shape}))
 
 
 def delta_rows(t: Tensors, rows: Rows) -> torch.Tensor:
     """Rows of kron(w1, w2): kron of the w1 rows they fall in, then trimmed."""
     w1, w2 = factors(t)
+    if not _row_blocks(w2):
+        return rows.of(delta_weight({"lokr_w1": w1, "lokr_w2": w2}))
     b = w2.shape[0]
     first, last = rows.start // b, -(-rows.stop // b)
     return _kron(w1[first:last], w2)[rows.start - first * b : rows.stop - first * b]
@@ -149,7 +159,7 @@ def apply_(weight: torch.Tensor, t: Tensors, factor: float, rows: Rows) -> None:
         apply_by_rows(target, factor, part, lambda block: delta_rows(full, block))
 
     first, last = -(-rows.start // b), rows.stop // b  # the whole groups of b rows (one row of w1 each)
-    if not weight.is_contiguous() or first >= last:
+    if not weight.is_contiguous() or first >= last or not _row_blocks(w2):
         by_rows(weight, rows)
         return
     if rows.start < first * b:  # a partial group at the top
@@ -193,6 +203,8 @@ def _row_tensors(shapes: Shapes) -> dict[str, int]:
     w2_rows = shapes["lokr_w2"][0] if "lokr_w2" in shapes else shapes["lokr_w2_a"][0]
     if "lokr_t2" in shapes:
         w2_rows = shapes["lokr_w2_a"][1]
+    if len(weight_shape(shapes)) not in (2, 4):
+        raise ShapeError("a Conv1d/Conv3d LoKr's rows are not blocks of w1's rows")
     return {("lokr_w1" if "lokr_w1" in shapes else "lokr_w1_a"): w2_rows}
 
 

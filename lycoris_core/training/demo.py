@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..adapter_file import read_adapter
-from ..architectures import detect_model_architecture
+from ..detection import detect_model_architecture
 from ..errors import AdapterError
 from ..merge import merge
 from ..plan import make_plan

@@ -26,15 +26,15 @@ from torch.utils.checkpoint import get_device_states, set_device_states
 
 from ..adapter_file import AdapterFile
 from ..algorithms import ALGORITHMS
-from ..architectures import ARCHITECTURES, Architecture, Slice, flatten, match_template, template_regex
+from ..architectures import ARCHITECTURES
 from ..errors import AdapterError
 from ..module import ModuleAdapter
+from ..naming import MUSUBI_PREFIX, flatten, naming_for, template_regex
 from ..rows import Rows
 from ..safetensors_io import TensorEntry
 from .config import TrainingConfig
 from .modules import TrainableAdapter, make_adapter
 
-MUSUBI_PREFIX = "lora_unet_"
 _MARK = "_comfyui_lycoris_trainable"  # set on a Linear while adapters are hooked into it
 
 @dataclass(frozen=True)
@@ -52,31 +52,18 @@ class Target:
         return MUSUBI_PREFIX + flatten(self.musubi_path)
 
 
-def musubi_names(arch: Architecture | None, path: str, shape: tuple[int, int]) -> list[tuple[str, Rows | None]]:
-    """Musubi's module path(s) for the Linear at `path`: [(path, None)] for a plain layer, one
-    (path, rows) per part for a weight ComfyUI fuses (q/k/v), the model's own path if unknown."""
-    if arch is None:
+def musubi_names(arch_id: str | None, path: str, shape: tuple[int, int]) -> list[tuple[str, Rows | None]]:
+    """Musubi's module path(s) for the Linear at `path`: [(name, None)] for a layer Musubi keeps
+    whole, one (name, rows) per part for a weight ComfyUI fuses (q/k/v), the model's own path if
+    Musubi has no name for it."""
+    naming = naming_for(arch_id)
+    place = naming.place(path)
+    if place.rows is not None:  # the model keeps this part apart, as Musubi does
         return [(path, None)]
-    for musubi, _ in arch.layers:
-        if match_template(musubi, path) is not None:
-            return [(path, None)]
-    parts = []
-    for musubi, comfy in arch.layers:
-        if isinstance(comfy, Slice):
-            groups = match_template(comfy.fused, path)
-            if groups is not None:
-                parts.append((comfy.index, musubi.format(**groups), comfy.rows(shape)))
-        else:
-            groups = match_template(comfy, path)
-            if groups is not None:
-                return [(musubi.format(**groups), None)]
-    if parts:
-        return [(name, rows) for _, name, rows in sorted(parts)]
-    for alias, target in arch.aliases:  # Diffusers naming of a layer Musubi names differently
-        groups = match_template(alias, path)
-        if groups is not None and isinstance(target, str):
-            return musubi_names(arch, target.format(**groups), shape)
-    return [(path, None)]
+    names = naming.musubi_names(place.weight)
+    if isinstance(names, str):
+        return [(names, None)]
+    return list(zip(names.names, names.rows(shape)))
 
 
 def _block_regexes(arch_id: str | None) -> list[re.Pattern]:
@@ -120,7 +107,7 @@ def plan_targets(
     targets, skipped = [], []
     for path, linear in candidates.items():
         shape = (linear.out_features, linear.in_features)
-        for musubi_path, rows in musubi_names(arch, path, shape):
+        for musubi_path, rows in musubi_names(architecture, path, shape):
             excluded = any(p.fullmatch(musubi_path) for p in excludes)
             if excluded and not any(p.fullmatch(musubi_path) for p in includes):
                 skipped.append(musubi_path)
