@@ -13,6 +13,7 @@ import torch
 
 from ..lycoris_core.algorithms import ALGORITHMS
 from ..lycoris_core.module import BoundModule, ModuleAdapter
+from ..lycoris_core.scales import lycoris_scale
 from ..lycoris_core.safetensors_io import SafetensorsWriter, TensorEntry, save_tensors
 from ..lycoris_core.algorithms.lokr import factorization
 
@@ -64,9 +65,8 @@ def module(algorithm: str, tensors: dict[str, torch.Tensor], alpha: float | None
     math = ALGORITHMS[algorithm]
     params = {name: TensorEntry(f"{stem}.{name}", t.dtype, tuple(t.shape)) for name, t in tensors.items()}
     shapes = {name: entry.shape for name, entry in params.items()}
-    rank = math.rank(shapes)
-    scale = 1.0 if alpha is None or rank is None else alpha / rank
-    record = ModuleAdapter(stem, math, params, alpha, scale, tuple(math.weight_shape(shapes)), rank)
+    record = ModuleAdapter(stem, math, params, alpha, lycoris_scale(math, shapes, alpha),
+                           tuple(math.weight_shape(shapes)), math.rank(shapes))
     return BoundModule(record, tensors, dtype=dtype)
 
 

@@ -70,7 +70,14 @@ class Source:
         return TensorSpec(entry.dtype, tuple(entry.shape), lambda: self.load(entry.name), self.position[entry.name])
 
     def module(self, module: ModuleAdapter) -> ModuleSpec:
-        return ModuleSpec(module.algorithm, {name: self.spec(module, name) for name in module.params})
+        return ModuleSpec(module.algorithm, self.specs(module))
+
+    def specs(self, module: ModuleAdapter) -> dict[str, TensorSpec]:
+        """Every tensor of the module, but an alpha its scale ignores that is no number (ai-toolkit's
+        full-rank LoKr store 9999999999, inf in fp16): without it the scale is the same, and no
+        reader meets an infinite alpha."""
+        unused = module.alpha is not None and not math.isfinite(module.alpha)
+        return {name: self.spec(module, name) for name in module.params if not (unused and name == ALPHA)}
 
 
 def _row_tensors(module: ModuleAdapter) -> dict[str, int]:
@@ -207,7 +214,7 @@ def split(module: ModuleAdapter, rows: list[Rows], source: Source) -> list[Modul
     blocks = _rank_blocks(module, layout.rank_pairs, rows, source)
     out = []
     for i, part in enumerate(rows):
-        params = {name: source.spec(module, name) for name in module.params}
+        params = source.specs(module)
         for name, unit in row_tensors.items():
             params[name] = _cut(params[name], Rows(part.start // unit, part.stop // unit))
         if blocks:
@@ -264,7 +271,7 @@ def reorder(module: ModuleAdapter, order: list[Rows], source: Source) -> ModuleS
     after the other (e.g. the two halves swapped). Exact for every algorithm whose row tensors can be
     cut there; the rank and alpha stay as they are."""
     row_tensors = _row_tensors(module)
-    params = {name: source.spec(module, name) for name in module.params}
+    params = source.specs(module)
     for name, unit in row_tensors.items():
         if any(r.start % unit or r.stop % unit for r in order):
             raise Inexact(f"its {name} comes in blocks of {unit} rows of ΔW, which do not line up with {[str(r) for r in order]}")

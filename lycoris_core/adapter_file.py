@@ -19,10 +19,12 @@ from typing import Mapping
 import torch
 
 from .algorithms import ALGORITHMS, SUFFIX_INDEX, Algorithm, ShapeError
-from .detection import detect_file_architecture, uses_comfy_names
+from .detection import describe_source, detect_file_architecture, uses_comfy_names
 from .errors import AdapterError
 from .finite import count_nonfinite, describe_nonfinite
 from .module import ALPHA, BIAS, DORA, ModuleAdapter, TensorSource
+from .naming import DOTTED_FAMILIES
+from .scales import FULL_MATRIX_RULE, LYCORIS_RULE, PeftConfig, find_peft_config, lycoris_scale
 from .safetensors_io import PICKLE_SUFFIXES, SafetensorsReader, TensorEntry, dtype_name, load_pickle_tensors
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -41,6 +43,8 @@ class AdapterFile:
     size: int
     problems: list[str] = field(default_factory=list)
     load: TensorSource = field(default=None, repr=False)
+    scale_rule: str = ""  # the scale convention applied, in words
+    source: str = ""  # the tool and naming the keys follow, in words
 
     def nonfinite_counts(self) -> dict[str, int]:
         """Non-finite values per tensor key (reads every tensor once, one at a time). Alphas are not
@@ -159,7 +163,7 @@ def read_adapter(path: str | os.PathLike, lokr_full_matrix_alpha: bool = False) 
     if not entries:
         raise AdapterError(f"{path}: file holds no tensors")
     grouped = _group_keys(path, entries)
-    full_matrix_dim = _network_dim(path, metadata) if lokr_full_matrix_alpha else None
+    rule = _scale_rule(path, metadata, grouped, lokr_full_matrix_alpha)
 
     modules: dict[str, ModuleAdapter] = {}
     problems: list[str] = []
@@ -172,7 +176,7 @@ def read_adapter(path: str | os.PathLike, lokr_full_matrix_alpha: bool = False) 
             continue
         if len(found) > 1:
             raise AdapterError(f"{path}: module {stem}: mixes tensors of {' and '.join(sorted(found))}")
-        modules[stem] = _build_module(path, stem, ALGORITHMS[found.pop()], params, load, full_matrix_dim)
+        modules[stem] = _build_module(path, stem, ALGORITHMS[found.pop()], params, load, rule)
 
     if not modules:
         raise AdapterError(
@@ -190,10 +194,14 @@ def read_adapter(path: str | os.PathLike, lokr_full_matrix_alpha: bool = False) 
         size=size,
         problems=problems,
         load=load,
+        scale_rule=rule.describe,
     )
     adapter.architecture = detect_file_architecture(adapter)
     if adapter.format == "diffusers" and uses_comfy_names(list(modules), adapter.architecture):
         adapter.format = "comfyui"
+    adapter.format, adapter.source = describe_source(adapter)
+    if adapter.format == "peft" and rule.peft is None:
+        adapter.scale_rule = "PEFT without its adapter config (none beside the file or in it): alpha = r, scale 1"
     return adapter
 
 
@@ -210,20 +218,38 @@ def _network_dim(path: str, metadata: Mapping[str, str]) -> float:
     return dim
 
 
-def _scale(algorithm: Algorithm, shapes, rank: int | None, alpha: float | None, full_matrix_dim: float | None) -> float | None:
-    """The LyCORIS rule every reference shares: alpha / rank; 1 without alpha; 1 for modules without
-    a rank (LoKr with both factors full, full diffs) unless alpha is to be applied to full-matrix
-    LoKr (alpha / network dim). None when alpha is needed but unusable."""
-    if alpha is None:
-        return 1.0
-    if rank is None:
-        if full_matrix_dim and algorithm.variant(shapes) == "full":
-            return alpha / full_matrix_dim if math.isfinite(alpha) else None
-        return 1.0
-    return alpha / rank if math.isfinite(alpha) and rank > 0 else None
+@dataclass(frozen=True)
+class _ScaleRule:
+    """How this file's modules get their scale (see scales.py), and how to say so."""
+
+    describe: str
+    full_matrix_dim: float | None = None
+    peft: PeftConfig | None = None
+
+    def scale(self, stem: str, algorithm: Algorithm, shapes, alpha: float | None) -> float | None:
+        if self.peft is not None and alpha is None:
+            return self.peft.scale(_module_path(stem))
+        return lycoris_scale(algorithm, shapes, alpha, self.full_matrix_dim)
 
 
-def _build_module(path, stem, algorithm, params, load, full_matrix_dim) -> ModuleAdapter:
+def _module_path(stem: str) -> str:
+    for prefix in DOTTED_FAMILIES:
+        if stem.startswith(prefix):
+            return stem[len(prefix) :]
+    return stem
+
+
+def _scale_rule(path: str, metadata, grouped: _Grouped, lokr_full_matrix_alpha: bool) -> _ScaleRule:
+    if lokr_full_matrix_alpha:
+        return _ScaleRule(FULL_MATRIX_RULE, full_matrix_dim=_network_dim(path, metadata))
+    has_alpha = any(ALPHA in params for params in grouped.params.values())
+    peft = None if has_alpha else find_peft_config(path, metadata)  # PEFT never stores alpha in the weights
+    if peft is not None:
+        return _ScaleRule(peft.describe(), peft=peft)
+    return _ScaleRule(LYCORIS_RULE)
+
+
+def _build_module(path, stem, algorithm, params, load, rule: _ScaleRule) -> ModuleAdapter:
     for name, entry in params.items():
         allowed = FLOAT_DTYPES + ((torch.int64, torch.int32) if name == ALPHA else ())
         if entry.dtype not in allowed:
@@ -243,7 +269,7 @@ def _build_module(path, stem, algorithm, params, load, full_matrix_dim) -> Modul
     except ShapeError as e:
         listed = ", ".join(f"{n} {list(p.shape)}" for n, p in params.items() if n != ALPHA)
         raise AdapterError(f"{path}: module {stem} ({algorithm.name}): {e} [{listed}]") from None
-    scale = _scale(algorithm, shapes, rank, alpha, full_matrix_dim)
+    scale = rule.scale(stem, algorithm, shapes, alpha)
     if scale is None:
         raise AdapterError(f"{path}: module {stem}: alpha is {alpha}" + (f" with rank {rank}" if rank is not None else ""))
     if DORA in params:

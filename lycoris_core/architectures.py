@@ -130,6 +130,7 @@ class Architecture:
     modelspec: tuple[str, ...] = ()
     refused: str | None = None
     notes: tuple[str, ...] = field(default=())
+    comfyui_model: bool = True  # ComfyUI core has a model class (its weights' names are a naming)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,6 +328,7 @@ FRAMEPACK = Architecture(
     ),
     model_signature=((r"^single_transformer_blocks\.\d+\.proj_mlp$", r"^context_embedder\.token_refiner\."),),
     notes=("ComfyUI core has no FramePack model; FramePack wrappers use these (Musubi's) names.",),
+    comfyui_model=False,
     train_blocks=("transformer_blocks.{n}", "single_transformer_blocks.{n}"),
     blocks=("transformer_blocks", "single_transformer_blocks", "context_embedder.token_refiner.refiner_blocks"),
 )

@@ -25,7 +25,7 @@ import re
 from collections import Counter
 from typing import Mapping
 
-from .architectures import ARCHITECTURES, COMFYUI, MUSUBI, SUPPORTED, Architecture
+from .architectures import ARCHITECTURES, COMFYUI, DIFFUSERS, MUSUBI, SUPPORTED, Architecture
 from .naming import FLAT_FAMILIES, MUSUBI_PREFIX, AmbiguousName, Place, module_path, naming_for
 
 
@@ -155,3 +155,43 @@ def uses_comfy_names(stems, arch_id: str | None) -> bool:
     comfy_only = any(place.namings == {COMFYUI} for place in places)
     musubi_only = any(MUSUBI in place.namings and COMFYUI not in place.namings for place in places)
     return comfy_only and not musubi_only
+
+
+# ---------------------------------------------------------------------------------------------
+# Who wrote a file
+
+
+def describe_source(adapter) -> tuple[str, str]:
+    """(format, source): the key-layout family (`musubi`, `diffusers`, `lycoris`, `comfyui`, `peft`,
+    `unknown`) and, in words, the tool and naming the file's keys follow."""
+    modules = list(adapter.modules.values())
+    stems = [m.stem for m in modules]
+    fmt = adapter.format
+    naming = _naming_words(stems, adapter.architecture)
+    if "comfyui_lycoris.converted_from" in adapter.metadata:
+        return fmt, f"comfyui-lycoris conversion ({fmt} layout, {naming})"
+    if fmt == "musubi":
+        return fmt, f"Musubi Tuner / kohya (lora_unet_ + {naming})"
+    if fmt == "lycoris":
+        return fmt, f"SimpleTuner / LyCORIS (lycoris_ + {naming})"
+    if any(m.algorithm == "diff" and len(m.shape) == 1 or m.has_bias_delta for m in modules):
+        return "comfyui", f"ComfyUI trainer (diffusion_model. + {naming}, .diff/.diff_b on norms and biases)"
+    if any(m.algorithm == "lokr" and m.alpha is not None and not m.alpha < 1e9 for m in modules):
+        return fmt, f"ai-toolkit LoKr ({naming}, full-rank alpha 9999999999 meaning scale 1)"
+    if all(m.alpha is None for m in modules) and (fmt == "peft" or adapter.metadata.get("format") == "pt"):
+        return "peft", f"PEFT ({naming}, alpha in the adapter config, not in the file)"
+    if any(key.startswith("ss_") for key in adapter.metadata):
+        return fmt, f"Musubi Tuner, Diffusers layout (convert_lora.py --target other, {naming})"
+    return fmt, f"{fmt} keys, {naming}"
+
+
+def _naming_words(stems, arch_id: str | None) -> str:
+    if arch_id not in ARCHITECTURES:
+        return "module names of no known architecture"
+    places = [p for p in _places(arch_id, stems).values() if p is not None]
+    counts = Counter(n for p in places for n in p.namings)
+    if not counts:
+        return f"names {ARCHITECTURES[arch_id].title} does not have"
+    words = {COMFYUI: "ComfyUI", MUSUBI: "original", DIFFUSERS: "Diffusers"}
+    best = max(counts.values())
+    return " = ".join(words[n] for n in (COMFYUI, MUSUBI, DIFFUSERS) if counts[n] == best) + " names"

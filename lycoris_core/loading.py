@@ -127,6 +127,8 @@ def load_report(
     lines = [
         f"file          {os.path.basename(adapter.path)}",
         f"format        {adapter.format}",
+        f"source        {adapter.source}",
+        f"scale         {adapter.scale_rule}",
         f"architecture  {describe_architecture(plan.architecture)}"
         + (f" (file says {adapter.architecture})" if adapter.architecture and adapter.architecture != plan.architecture else ""),
         f"mode          {mode}, strength {strength:g}",

@@ -136,7 +136,7 @@ class Naming:
     def __init__(self, arch: Architecture | None):
         self.arch = arch
         names = list(arch.names) if arch else []
-        comfy = dict.fromkeys(name.weight for name in names)
+        comfy = dict.fromkeys(name.weight for name in names) if arch and arch.comfyui_model else {}
         self.names: list[Name] = names + [Name(COMFYUI, weight, weight) for weight in comfy]
         # The literal end of each template (after its last placeholder), dotted and flattened: a
         # path that does not end with it cannot match, which saves most regex matches.

@@ -38,6 +38,8 @@ def describe(adapter: AdapterFile, scan_values: bool = True) -> dict:
         "file": adapter.path,
         "size_bytes": adapter.size,
         "format": adapter.format,
+        "source": adapter.source,
+        "scale_rule": adapter.scale_rule,
         "architecture": adapter.architecture,
         "tensor_count": len(adapter.tensors),
         "dtypes": dict(Counter(dtype_name(e.dtype) for e in adapter.tensors.values())),
@@ -89,6 +91,7 @@ def format_report(report: dict, max_modules: int = 40) -> str:
     lines = [
         f"file          {report['file']} ({_size(report['size_bytes'])}, {report['tensor_count']} tensors)",
         f"format        {report['format']}",
+        f"source        {report['source']}",
         f"architecture  {report['architecture'] or 'unknown'}",
         f"modules       {report['module_count']} ({_counts(report['algorithms'])})",
     ]
@@ -99,7 +102,7 @@ def format_report(report: dict, max_modules: int = 40) -> str:
     lines += [
         f"ranks         {_counts(report['ranks'])}",
         f"alphas        {_counts(report['alphas'])}",
-        f"scales        {_counts(report['scales'])}",
+        f"scales        {_counts(report['scales'])} ({report['scale_rule']})",
         f"dtypes        {_counts(report['dtypes'])}",
     ]
     if report["dora_modules"]:

@@ -10,7 +10,7 @@ from ..lycoris_core.loading import load_report, load_tensors, read_adapter_cache
 from ..lycoris_core.naming import is_text_encoder_stem
 from ..lycoris_core.plan import make_plan
 from .common import CATEGORY, adapter_fingerprint, adapter_name_input, adapter_path, lokr_full_matrix_alpha_input, show_text
-from .patches import add_bypass_hooks, add_weight_patches, delegate_text_encoder
+from .patches import apply_plan, delegate_text_encoder
 
 ARCHITECTURES = ["auto", *(a.id for a in SUPPORTED)]
 MODES = ["patch", "bypass"]
@@ -54,8 +54,8 @@ def _load(model, clip, lora_name, strength_model, strength_clip, architecture, m
         return model, clip, load_report(plan, strength_model, mode, delegated, notes)
     bar = comfy.utils.ProgressBar(len(plan.patches))
     tensors = load_tensors(plan, progress=lambda done, total: bar.update_absolute(done, total))
-    add = add_bypass_hooks if mode == "bypass" else add_weight_patches
-    return add(model, plan, tensors, strength_model), clip, load_report(plan, strength_model, mode, delegated, notes)
+    model, applied_notes = apply_plan(model, plan, tensors, strength_model, mode)
+    return model, clip, load_report(plan, strength_model, mode, delegated, notes + applied_notes)
 
 
 class LycorisLoaderModelOnly(io.ComfyNode):

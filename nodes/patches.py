@@ -18,7 +18,7 @@ from comfy.patcher_extension import PatcherInjection
 from ..lycoris_core.bypass import BypassSet
 from ..lycoris_core.errors import AdapterError
 from ..lycoris_core.module import BoundModule
-from ..lycoris_core.plan import LoadPlan
+from ..lycoris_core.plan import LoadPlan, Patch
 from ..lycoris_core.rows import Rows
 
 
@@ -65,8 +65,13 @@ def _target(key: str, rows: Rows | None):
 def add_weight_patches(model, plan: LoadPlan, tensors: dict, strength: float):
     """A clone of `model` (a ModelPatcher) with every planned module as a lazy weight patch."""
     patched = model.clone()
+    _patch_weights(patched, plan.adapter.path, plan.patches, tensors, strength)
+    return patched
+
+
+def _patch_weights(patched, path: str, patches: list[Patch], tensors: dict, strength: float) -> None:
     rounds: list[dict] = []  # add_patches takes a dict: a target met twice goes in a later round
-    for patch in plan.patches:
+    for patch in patches:
         target = patch.target
         items = [(_target(target.key, target.rows), LycorisWeightPatch.create(patch.module, tensors[patch.stem], target.source_rows))]
         if patch.bias_key:
@@ -85,8 +90,7 @@ def add_weight_patches(model, plan: LoadPlan, tensors: dict, strength: float):
         accepted = set(patched.add_patches(batch, strength))
         refused = [t for t in batch if t not in accepted]
         if refused:  # the plan only names weights of this model; refusing one means it changed under us
-            raise AdapterError(f"{plan.adapter.path}: ComfyUI did not accept patches for {refused[:3]}")
-    return patched
+            raise AdapterError(f"{path}: ComfyUI did not accept patches for {refused[:3]}")
 
 
 def _dequantized(layer: torch.nn.Module) -> torch.Tensor:
@@ -95,18 +99,36 @@ def _dequantized(layer: torch.nn.Module) -> torch.Tensor:
 
 
 def add_bypass_hooks(model, plan: LoadPlan, tensors: dict, strength: float):
-    """A clone of `model` whose adapted layers add the modules in their forward pass (weights untouched)."""
-    hooks = BypassSet()
+    """(A clone of `model` whose adapted Linear layers add the modules in their forward pass, the
+    number of modules patched into weights instead). Only Linear layers can be hooked this way; the
+    others (convolutions, norms, embeddings: never quantized) get ordinary weight patches."""
+    hooks, in_weights = BypassSet(), []
     for patch in plan.patches:
         layer = patch.target.key[: -len(".weight")]
-        hooks.add(layer, patch.module, tensors[patch.stem], strength, patch.target.rows, patch.target.source_rows)
+        if isinstance(model.model.get_submodule(layer), torch.nn.Linear):
+            hooks.add(layer, patch.module, tensors[patch.stem], strength, patch.target.rows, patch.target.source_rows)
+        else:
+            in_weights.append(patch)
     patched = model.clone()
+    _patch_weights(patched, plan.adapter.path, in_weights, tensors, strength)
     # One key per load: chained loaders each keep theirs, and ComfyUI tells models apart by these keys.
     patched.set_injections(
         f"lycoris_bypass_{uuid.uuid4().hex[:12]}",
         [PatcherInjection(inject=lambda mp: hooks.attach(mp.model, _dequantized), eject=lambda mp: hooks.detach(mp.model))],
     )
-    return patched
+    return patched, len({patch.stem for patch in in_weights})
+
+
+def apply_plan(model, plan: LoadPlan, tensors: dict, strength: float, mode: str):
+    """(The model with the plan applied in `mode`, "patch" or "bypass"; notes for the report)."""
+    if mode != "bypass":
+        return add_weight_patches(model, plan, tensors, strength), []
+    model, in_weights = add_bypass_hooks(model, plan, tensors, strength)
+    notes = []
+    if in_weights:
+        notes.append(f"{in_weights} modules on layers other than Linear (convolutions, norms, embeddings) were "
+                     "patched into their weights: bypass hooks Linear layers only")
+    return model, notes
 
 
 def delegate_text_encoder(clip, plan: LoadPlan, strength: float):

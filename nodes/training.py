@@ -36,7 +36,7 @@ from ..lycoris_core.training.config import ALGORITHMS, SAVE_DTYPES, UNSUPPORTED_
 from ..lycoris_core.training.plot import loss_chart_pixels
 from .common import show_text
 from .outputs import listed_name, numbered_output
-from .patches import add_bypass_hooks, add_weight_patches
+from .patches import apply_plan
 
 CATEGORY = "training/lycoris"
 ADAPTER = io.Custom("LYCORIS_ADAPTER")
@@ -447,10 +447,9 @@ class LycorisApply(io.ComfyNode):
     def execute(cls, model, adapter, strength=1.0, mode="patch") -> io.NodeOutput:
         snapshot = adapter.adapters.to_adapter_file(name=f"trained adapter ({adapter.steps} steps)")
         plan = make_plan(snapshot, weight_shapes(model.model_state_dict()), adapter.config.architecture or "auto")
+        notes = ["strength 0: the adapter was checked against the model, nothing was applied"]
         if strength != 0:
-            add = add_bypass_hooks if mode == "bypass" else add_weight_patches
-            model = add(model, plan, load_tensors(plan), strength)
-        notes = [] if strength != 0 else ["strength 0: the adapter was checked against the model, nothing was applied"]
+            model, notes = apply_plan(model, plan, load_tensors(plan), strength, mode)
         report = load_report(plan, strength, mode, notes=notes)
         show_text(cls, report)
         return io.NodeOutput(model, report, ui=ui.PreviewText(report))
