@@ -18,7 +18,7 @@ from typing import Mapping
 
 import torch
 
-from .algorithms import ALGORITHMS, SUFFIX_INDEX, Algorithm, ShapeError
+from .algorithms import ALGORITHMS, COMFYUI_VARIANTS, SUFFIX_INDEX, Algorithm, ShapeError
 from .detection import describe_source, detect_file_architecture, uses_comfy_names
 from .errors import AdapterError
 from .finite import count_nonfinite, describe_nonfinite
@@ -165,6 +165,9 @@ def read_adapter(path: str | os.PathLike, lokr_full_matrix_alpha: bool = False) 
     grouped = _group_keys(path, entries)
     rule = _scale_rule(path, metadata, grouped, lokr_full_matrix_alpha)
 
+    algorithms = dict(ALGORITHMS)
+    if _from_comfyui_trainer(grouped):
+        algorithms.update(COMFYUI_VARIANTS)
     modules: dict[str, ModuleAdapter] = {}
     problems: list[str] = []
     unknown = list(grouped.unknown)
@@ -176,7 +179,7 @@ def read_adapter(path: str | os.PathLike, lokr_full_matrix_alpha: bool = False) 
             continue
         if len(found) > 1:
             raise AdapterError(f"{path}: module {stem}: mixes tensors of {' and '.join(sorted(found))}")
-        modules[stem] = _build_module(path, stem, ALGORITHMS[found.pop()], params, load, rule)
+        modules[stem] = _build_module(path, stem, algorithms[found.pop()], params, load, rule)
 
     if not modules:
         raise AdapterError(
@@ -203,6 +206,15 @@ def read_adapter(path: str | os.PathLike, lokr_full_matrix_alpha: bool = False) 
     if adapter.format == "peft" and rule.peft is None:
         adapter.scale_rule = "PEFT without its adapter config (none beside the file or in it): alpha = r, scale 1"
     return adapter
+
+
+def _from_comfyui_trainer(grouped: _Grouped) -> bool:
+    """ComfyUI's trainer adapts every bias (`diff_b`) and every 1-D weight (`diff`) beside the layers'
+    LoRA/LoHa/LoKr tensors; other writers do not."""
+    return any(
+        BIAS in params or (set(params) - {ALPHA} == {"diff"} and len(params["diff"].shape) == 1)
+        for params in grouped.params.values()
+    )
 
 
 def _network_dim(path: str, metadata: Mapping[str, str]) -> float:

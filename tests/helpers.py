@@ -85,3 +85,32 @@ def comfy_location(arch: str, path: str) -> tuple[str, int | None]:
     for old, new in _COMFY_RENAMES.get(arch, []):
         path = path.replace(old, new)
     return path + ".weight", None
+
+
+WILD = FIXTURES / "wild"
+
+
+def wild_manifest() -> dict:
+    """The reference files from other trainers (SimpleTuner, ai-toolkit, PEFT, ComfyUI's trainer)."""
+    return json.loads((WILD / "manifest.json").read_text())
+
+
+def wild_entries() -> list[dict]:
+    return wild_manifest()["files"]
+
+
+def wild_expected(entry: dict) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(WILD / entry["expected"]))
+
+
+def wild_changed_keys(expected: dict[str, torch.Tensor], strength: str = "1.0") -> list[str]:
+    """The ComfyUI weight keys (no prefix) a wild expectation file says the adapter changes."""
+    prefix = f"merged/{strength}/"
+    return sorted(k[len(prefix) :] for k in expected if k.startswith(prefix))
+
+
+def change_err(got: torch.Tensor, want: torch.Tensor, base: torch.Tensor) -> float:
+    """||got − want|| / ||want − base||: the error relative to the size of the change."""
+    return float((got.double() - want.double()).norm() / (want.double() - base.double()).norm().clamp_min(1e-30))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from comfyui_lycoris.lycoris_core import AdapterError, read_adapter
 from comfyui_lycoris.lycoris_core.architectures import Part
@@ -105,3 +106,38 @@ def test_diffusers_flux_qkv_and_single_block_land_on_fused_slices(write_safetens
         "single_transformer_blocks.1.attn.to_v": ("single_blocks.1.linear1.weight", Rows(20, 30)),
         "single_transformer_blocks.1.proj_mlp": ("single_blocks.1.linear1.weight", Rows(30, 70)),
     }
+
+
+FLUX2_FILE = MUSUBI / "flux_2_lokr_r3_a2.safetensors"  # Musubi's FLUX.2 klein fixture
+FLUX1_FILE = MUSUBI / "flux_kontext_lokr_r3_a2.safetensors"
+
+
+@pytest.mark.parametrize("metadata", [
+    {"ss_base_model_version": "flux_2_dev", "modelspec.architecture": "Flux.2-dev/lora"},  # Musubi, FLUX.2 [dev]
+    {"modelspec.architecture": "Flux.2-dev/lora"},
+    {"ss_base_model_version": "flux_2_klein_9b"},
+    {"ss_base_model_version": "flux2"},  # ai-toolkit
+    {},
+], ids=["musubi-dev", "modelspec-only", "klein-9b", "ai-toolkit", "none"])
+def test_flux2_files_are_flux2_in_every_spelling(metadata, write_safetensors):
+    tensors = load_file(str(FLUX2_FILE))
+    assert read_adapter(write_safetensors(tensors, metadata=metadata)).architecture == "flux2"
+
+
+def test_shapes_overrule_metadata_between_flux1_and_flux2(write_safetensors):
+    """FLUX.1 and FLUX.2 share block names; the MLP width (4x vs 6x) decides, whatever the metadata says."""
+    flux1 = write_safetensors(load_file(str(FLUX1_FILE)), metadata={"ss_base_model_version": "flux_2_dev"})
+    assert read_adapter(flux1).architecture == "flux"
+    flux2 = write_safetensors(load_file(str(FLUX2_FILE)), metadata={"modelspec.architecture": "Flux.1-dev/lora"})
+    assert read_adapter(flux2).architecture == "flux2"
+
+
+@pytest.mark.parametrize("value, arch", [
+    ("wan2.1/lora", "wan"), ("hunyuan-video/lora", "hunyuan_video"), ("hunyuan-video-1.5/lora", "hunyuan_video_1_5"),
+    ("Flux.1-dev/lora", "flux"), ("flux-1-dev/lora", "flux"), ("Flux.2-klein-4b/lora", "flux2"),
+    ("Qwen-Image-Edit/lora", "qwen_image"), ("Z-Image/lora", "z_image"), ("framepack/lora", "framepack"),
+])
+def test_modelspec_architecture_spellings(value, arch):
+    from comfyui_lycoris.lycoris_core.detection import architecture_from_metadata
+
+    assert architecture_from_metadata({"modelspec.architecture": value}) == arch

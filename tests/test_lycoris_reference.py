@@ -167,3 +167,14 @@ def test_full_matrix_lokr_scale_is_one_whatever_alpha(write_safetensors):
     ours = read_adapter(path).modules[STEM]
     assert ours.rank is None and ours.alpha == 4.0 and ours.scale == 1.0
     assert set(ours.params) == {"alpha", "lokr_w1", "lokr_w2"}
+
+
+@pytest.mark.parametrize("cls_name", ["LokrModule", "LohaModule", "LoConModule"])
+@pytest.mark.parametrize("conv", ["1d", "3d"])
+def test_conv1d_and_conv3d_modules_match_lycoris_forward(write_safetensors, cls_name, conv):
+    """Patch embeddings of video models are Conv3d (ComfyUI's trainer adapts them): LoKr's w2 is then
+    5-D, and LyCORIS builds kron(w1, w2) as torch broadcasts a 2-D w1 against it."""
+    base = nn.Conv1d(8, 12, 3, bias=False) if conv == "1d" else nn.Conv3d(8, 12, (1, 2, 2), bias=False)
+    options = dict(lora_dim=2, alpha=1.0, **({"factor": 4} if cls_name == "LokrModule" else {}))
+    ours = check_against_reference(getattr(lycoris_modules, cls_name), base, 0.8, options, write_safetensors)
+    assert ours.shape == tuple(base.weight.shape) or math.prod(ours.shape) == base.weight.numel()

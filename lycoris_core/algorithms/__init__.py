@@ -7,6 +7,10 @@ from .base import Algorithm, RowLayout, ShapeError
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (lora.ALGORITHM, loha.ALGORITHM, lokr.ALGORITHM, diff.ALGORITHM)}
 
+# Where ComfyUI's loader computes an algorithm differently from LyCORIS (files its own trainer wrote
+# mean what it loads): the variant to read those files with.
+COMFYUI_VARIANTS: dict[str, Algorithm] = {"lokr": lokr.COMFYUI_ALGORITHM}
+
 # Parameters any algorithm's module may carry besides its own tensors: alpha, DoRA's magnitude, and
 # a difference for the layer's bias (ComfyUI's trainer writes `diff_b` beside LoRA/LoHa/LoKr tensors).
 COMMON_SUFFIXES = {"alpha": "alpha", "dora_scale": "dora_scale", "diff_b": "diff_b"}
@@ -19,4 +23,4 @@ SUFFIX_INDEX: dict[str, tuple[str | None, str]] = {
 }
 SUFFIX_INDEX.update({suffix: (None, canonical) for suffix, canonical in COMMON_SUFFIXES.items()})
 
-__all__ = ["ALGORITHMS", "Algorithm", "COMMON_SUFFIXES", "RowLayout", "SUFFIX_INDEX", "ShapeError"]
+__all__ = ["ALGORITHMS", "COMFYUI_VARIANTS", "Algorithm", "COMMON_SUFFIXES", "RowLayout", "SUFFIX_INDEX", "ShapeError"]

@@ -11,6 +11,8 @@ of W in one pass, and `bypass_delta` computes w1 · X · w2ᵀ on the input resh
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..rows import Rows
@@ -112,30 +114,21 @@ def factors(t: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
     return w1, w2
 
 
-def _row_blocks(w2: torch.Tensor) -> bool:
-    """Whether ΔW's rows are blocks of b rows, one per row of w1: Linear and Conv2d factors. For
-    other conv ranks LyCORIS and ComfyUI both take torch.kron of the 2-D w1 and the n-D w2 as it
-    broadcasts (w1 as (1, ..., a, c)) and reshape the result to the weight; files trained by them
-    mean that arrangement, so it is kept, built whole."""
-    return w2.dim() in (2, 4)
-
-
 def _kron(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    if w2.dim() == 4:  # Conv2d: w1's entries scale whole kernels, as in LyCORIS and ComfyUI
-        w1 = w1[:, :, None, None]
+    """kron(w1, w2) with w1's entries scaling whole kernels of a conv w2 (w1 gets trailing unit dims)."""
+    if w2.dim() > 2:
+        w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - 2)))
     return torch.kron(w1, w2)
 
 
 def delta_weight(t: Tensors) -> torch.Tensor:
     w1, w2 = factors(t)
-    return _kron(w1, w2).reshape(weight_shape({"lokr_w1": w1.shape, "lokr_w2": w2.shape}))
+    return _kron(w1, w2)
 
 
 def delta_rows(t: Tensors, rows: Rows) -> torch.Tensor:
     """Rows of kron(w1, w2): kron of the w1 rows they fall in, then trimmed."""
     w1, w2 = factors(t)
-    if not _row_blocks(w2):
-        return rows.of(delta_weight({"lokr_w1": w1, "lokr_w2": w2}))
     b = w2.shape[0]
     first, last = rows.start // b, -(-rows.stop // b)
     return _kron(w1[first:last], w2)[rows.start - first * b : rows.stop - first * b]
@@ -159,7 +152,7 @@ def apply_(weight: torch.Tensor, t: Tensors, factor: float, rows: Rows) -> None:
         apply_by_rows(target, factor, part, lambda block: delta_rows(full, block))
 
     first, last = -(-rows.start // b), rows.stop // b  # the whole groups of b rows (one row of w1 each)
-    if not weight.is_contiguous() or first >= last or not _row_blocks(w2):
+    if not weight.is_contiguous() or first >= last:
         by_rows(weight, rows)
         return
     if rows.start < first * b:  # a partial group at the top
@@ -203,8 +196,6 @@ def _row_tensors(shapes: Shapes) -> dict[str, int]:
     w2_rows = shapes["lokr_w2"][0] if "lokr_w2" in shapes else shapes["lokr_w2_a"][0]
     if "lokr_t2" in shapes:
         w2_rows = shapes["lokr_w2_a"][1]
-    if len(weight_shape(shapes)) not in (2, 4):
-        raise ShapeError("a Conv1d/Conv3d LoKr's rows are not blocks of w1's rows")
     return {("lokr_w1" if "lokr_w1" in shapes else "lokr_w1_a"): w2_rows}
 
 
@@ -221,4 +212,42 @@ ALGORITHM = Algorithm(
     layout=RowLayout(row_tensors=_row_tensors, cannot_stack="LoKr (a Kronecker product) cannot be stacked exactly"),
     variants=("full", "low_rank"),
     variant=variant,
+)
+
+
+# ComfyUI's loader (comfy/weight_adapter/lokr.py, 0.28) gives w1 unit dims only for a 4-D (Conv2d)
+# w2; for Conv1d/Conv3d factors it takes torch.kron of the 2-D w1 as torch broadcasts it and reshapes
+# the result to the weight. Files from ComfyUI's own trainer are read the way ComfyUI loads them.
+
+
+def _comfy_kron(t: Tensors) -> torch.Tensor:
+    w1, w2 = factors(t)
+    if w2.dim() in (2, 4):
+        return _kron(w1, w2)
+    return torch.kron(w1, w2).reshape(weight_shape({"lokr_w1": w1.shape, "lokr_w2": w2.shape}))
+
+
+def _comfy_delta_rows(t: Tensors, rows: Rows) -> torch.Tensor:
+    return rows.of(_comfy_kron(t))
+
+
+def _comfy_apply_(weight: torch.Tensor, t: Tensors, factor: float, rows: Rows) -> None:
+    if factors(t)[1].dim() in (2, 4):
+        apply_(weight, t, factor, rows)
+    else:
+        apply_by_rows(weight, factor, rows, lambda block: _comfy_delta_rows(t, block))
+
+
+def _comfy_row_tensors(shapes: Shapes) -> dict[str, int]:
+    if len(weight_shape(shapes)) not in (2, 4):
+        raise ShapeError("in ComfyUI's arrangement a Conv1d/Conv3d LoKr's rows are not blocks of w1's rows")
+    return _row_tensors(shapes)
+
+
+COMFYUI_ALGORITHM = dataclasses.replace(
+    ALGORITHM,
+    delta_weight=_comfy_kron,
+    delta_rows=_comfy_delta_rows,
+    apply_=_comfy_apply_,
+    layout=RowLayout(row_tensors=_comfy_row_tensors, cannot_stack=ALGORITHM.layout.cannot_stack),
 )
