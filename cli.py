@@ -76,7 +76,7 @@ def _fresh_folder(name: str) -> str:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .lycoris_core.training.demo import run_demo
+    from .demo import run_demo
 
     try:
         from .convert import convert_file

@@ -7,10 +7,10 @@ pages) and the RSS after imports are reported with it. Runs of ours and the base
   plain read+write  the safetensors library's `safe_open` (memory-mapped) for each tensor, written
                     with the streaming writer merge and convert use (`SafetensorsWriter`): the I/O floor
   merge             `lycoris_core.merge.merge` of a Musubi LoKr file into a Wan-shaped bf16 base
-  convert           `comfyui-lycoris convert IN OUT --to comfyui` (when the subcommand exists) of a
-                    LoHa file of ~1 GB, against a plain read+write of the same file
+  convert           the converter (`comfyui-lycoris convert IN OUT --to comfyui`) on a LoHa file of
+                    ~1 GB, against a plain read+write of the same file
 
-Issue 3's merge target: peak memory < 1.5 × the largest tensor + the adapter file + 300 MB; the
+The merge target: peak memory < 1.5 × the largest tensor + the adapter file + 300 MB; the
 convert target: ≤ the largest tensor + 200 MB. Both are checked on the growth of RSS over the
 process's RSS after its imports: what the interpreter and torch take (about 220 MB with the CPU
 build of torch, 510 MB with a CUDA build) is not the operation's, and would otherwise decide the
@@ -31,17 +31,6 @@ from .harness import MB, Result, WorkerError, run_worker
 
 STRENGTH = 0.8
 PLAIN = "plain read+write (safe_open + streamed write)"
-
-
-def convert_available() -> tuple[bool, str]:
-    """Whether `comfyui-lycoris convert` exists (the stable CLI of SPEC §5), or why not."""
-    from ..cli import build_parser
-
-    try:
-        build_parser().parse_args(["convert", "in.safetensors", "out.safetensors", "--to", "comfyui"])
-    except SystemExit:
-        return False, "the `convert` subcommand is not in cli.py yet"
-    return True, ""
 
 
 def _runs(tasks: dict[str, dict], runs: int, folder: str, log) -> dict[str, list[dict]]:
@@ -91,12 +80,7 @@ def run(base_blocks: int, convert_bytes: int, runs: int, folder: str | None, log
                             bound_text="RSS growth < 1.5×largest tensor + adapter + 300 MB")
         os.remove(base)
 
-        ok, why = convert_available()
         name = "convert musubi→comfyui"
-        if not ok:
-            results.append(Result("files", f"{name} time", {}, "comfyui-lycoris convert", PLAIN,
-                                  status="not available", note=why))
-            return results
         per_block = sum(2 * 32 * (out + in_) * 4 for _, (out, in_) in synthetic.wan_block_layers(dim, ffn))  # fp32 r32
         blocks = max(1, min(synthetic.WAN14B_BLOCKS, round(convert_bytes / per_block)))
         source = os.path.join(work, "wan_loha.safetensors")
@@ -177,11 +161,6 @@ def merge_worker(params: dict) -> dict:
 
 
 def convert_worker(params: dict) -> dict:
-    from ..cli import main
+    from ..convert import convert_file
 
-    def convert():
-        code = main(["convert", params["src"], params["out"], "--to", "comfyui", "--overwrite"])
-        if code:
-            raise RuntimeError(f"comfyui-lycoris convert exited {code}")
-
-    return _measured(convert)
+    return _measured(lambda: convert_file(params["src"], params["out"], "comfyui", overwrite=True))

@@ -1,7 +1,7 @@
 """Synthetic adapters and models of real shapes (random values; only sizes and dtypes matter here).
 
 Shapes follow the models users run: FLUX (3072×3072) and Wan 2.1 14B (dim 5120, FFN 13824, 40
-blocks). LoKr factor shapes follow Musubi's factorization (SPEC §2), so the benchmarked modules are
+blocks). LoKr factor shapes follow Musubi's factorization, so the benchmarked modules are
 the ones Musubi writes: `lokr_w1` (out_l, in_m) full, `lokr_w2` (out_k, in_n) full or low-rank.
 """
 

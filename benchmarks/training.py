@@ -2,8 +2,7 @@
 
 Contenders (same W, x and output gradient; only the adapter's factors train, x needs its gradient
 as it would inside a model):
-  ours         `lycoris_core.training` (`build_trainable_linear`, bypass mode), when importable
-  proxy        when it is not: the core's `lokr.bypass_delta` under autograd (what it builds on)
+  ours         `lycoris_core.training`'s trainable LoKr in bypass mode (what training runs)
   materialize  the reference: `F.linear(x, W + s·kron(w1, w2a@w2b))`, ΔW built every step (the
                cheapest materializing form: one full-size matmul forward, two backward)
   musubi       Musubi Tuner's LoKr forward as its networks/lokr.py writes it:
@@ -16,19 +15,18 @@ Times are interleaved medians in this process; each contender's peak memory is t
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..lycoris_core.training.modules import TrainableAdapter, make_adapter
 from . import synthetic
-from .harness import Result, WorkerError, interleaved, run_worker, synchronizer, unavailable
+from .harness import Result, WorkerError, interleaved, run_worker, synchronizer
 
 TITLES = {
     "ours": "lycoris_core.training (bypass)",
-    "proxy": "core lokr.bypass_delta + autograd (proxy)",
     "materialize": "ΔW-materializing F.linear(x, W + s·ΔW)",
     "musubi": "Musubi-style W·x + F.linear(x, s·ΔW)",
     "lycoris": "lycoris-lora LokrModule (default forward)",
@@ -36,23 +34,52 @@ TITLES = {
 }
 
 
-def training_builder():
-    """`build_trainable_linear` from lycoris_core.training, or the reason it is not there."""
-    root = __package__.rsplit(".", 1)[0]
-    try:
-        package = importlib.import_module(f"{root}.lycoris_core.training")
-    except ImportError as e:
-        return None, f"lycoris_core.training does not import ({e})"
-    builder = getattr(package, "build_trainable_linear", None)
-    if builder is None:
-        try:
-            modules = importlib.import_module(f"{root}.lycoris_core.training.modules")
-            builder = getattr(modules, "build_trainable_linear", None)
-        except ImportError:
-            builder = None
-    if builder is None:
-        return None, "lycoris_core.training has no build_trainable_linear"
-    return builder, ""
+class AdaptedLinear(nn.Module):
+    """A frozen Linear plus one trainable adapter: `base(x) + adapter(x)`. For benchmarks and
+    tests of a single layer; models are adapted in place by `inject_adapters`."""
+
+    def __init__(self, base: nn.Linear, adapter: TrainableAdapter):
+        super().__init__()
+        self.base, self.adapter = base, adapter
+        base.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        delta = self.adapter(x)
+        return y if delta is None else y + delta.to(y.dtype)
+
+
+def build_trainable_linear(
+    algorithm: str,
+    out_features: int,
+    in_features: int,
+    rank: int,
+    alpha: float = 1.0,
+    factor: int = -1,
+    mode: str = "bypass",
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    base_dtype: torch.dtype | None = None,
+    seed: int = 0,
+    randomize: bool = True,
+) -> AdaptedLinear:
+    """One trainable layer at a given size, for `comfyui-lycoris bench`.
+
+    mode "bypass" is what training uses; "materialize" builds s·ΔW and calls F.linear (the
+    Musubi-style reference). `randomize` fills the zero-initialised half with small random values
+    so gradients reach every factor. Returns AdaptedLinear(base, adapter); only the adapter trains.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        base = nn.Linear(in_features, out_features, bias=False, device=device, dtype=base_dtype or dtype)
+        adapter = make_adapter(algorithm, out_features, in_features, rank, alpha, factor, mode=mode)
+        if randomize:
+            with torch.no_grad():
+                for p in adapter.parameters():
+                    if not p.any():
+                        p.normal_(std=0.01)
+    return AdaptedLinear(base, adapter.to(device=device, dtype=dtype))
 
 
 def build_step(variant: str, shape: tuple[int, int], rank: int, tokens: int, device: torch.device, dtype: torch.dtype):
@@ -63,23 +90,15 @@ def build_step(variant: str, shape: tuple[int, int], rank: int, tokens: int, dev
     x = torch.randn(tokens, in_, generator=generator).to(device=device, dtype=dtype).requires_grad_()
     grad = torch.randn(tokens, out, generator=generator).to(device=device, dtype=dtype)
     if variant == "ours":
-        builder, why = training_builder()
-        if builder is None:
-            raise RuntimeError(why)
-        layer = builder("lokr", out, in_, rank, alpha, mode="bypass", device=device, dtype=dtype)
+        layer = build_trainable_linear("lokr", out, in_, rank, alpha, mode="bypass", device=device, dtype=dtype)
         forward, params = layer, [p for p in layer.parameters() if p.requires_grad]
-    elif variant in ("proxy", "materialize", "musubi"):
-        from ..lycoris_core.algorithms import lokr
-
+    elif variant in ("materialize", "musubi"):
         weight = synthetic.fill(shape, dtype, device)
         t = {k: v.to(device=device, dtype=dtype).requires_grad_() for k, v in
              synthetic.lokr_tensors(shape, rank, generator=generator).items()}
         scale = alpha / rank if "lokr_w2_a" in t else 1.0
         params = list(t.values())
-        if variant == "proxy":
-            def forward(v):
-                return F.linear(v, weight) + lokr.bypass_delta(v, t) * scale
-        elif variant == "materialize":
+        if variant == "materialize":
             def forward(v):
                 w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
                 return F.linear(v, weight + scale * torch.kron(t["lokr_w1"], w2))
@@ -118,9 +137,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def run(shapes: dict[str, tuple[int, int]], tokens: int, rank: int, runs: int, device: torch.device, dtype: torch.dtype,
         log, peers: tuple = ("lycoris", "lycoris_bypass")) -> list[Result]:
     """`peers`: the lycoris-lora contenders to include (when lycoris-lora is installed)."""
-    builder, why_not = training_builder()
     have_lycoris = importlib.util.find_spec("lycoris") is not None
-    ours = "ours" if builder is not None else "proxy"
+    ours = "ours"
     variants = [ours, "materialize", "musubi"] + (list(peers) if have_lycoris else [])
     sync = synchronizer(device)
     results = []
@@ -143,16 +161,13 @@ def run(shapes: dict[str, tuple[int, int]], tokens: int, rank: int, runs: int, d
                 peaks[v], notes[v] = None, f"peak memory not measured ({e}); "
         name = f"training lokr r{rank} {shape_name} T{tokens}"
         target = "≥ 1.5× faster (ratio ≤ 0.67) and lower peak memory"
-        if builder is None:
-            results.append(unavailable("training", f"{name} ours vs materialize", params, TITLES["ours"],
-                                       TITLES["materialize"], why_not, target=target))
         pairs = [(ours, "materialize")] + [(ours, v) for v in variants[2:]] + [(v, "materialize") for v in variants[3:]]
         for a, b in pairs:
             r = Result("training", f"{name} {a} vs {b}", params, TITLES[a], TITLES[b],
                        seconds=timings[a].median, baseline_seconds=timings[b].median, runs=timings[a].runs,
                        peak_bytes=peaks[a], baseline_peak_bytes=peaks[b], note=notes.get(a, "") + notes.get(b, "")).finish()
             if a == ours and b == "materialize":
-                r.target = target + (" (proxy: lycoris_core.training not importable)" if ours == "proxy" else "")
+                r.target = target
                 lower = None if peaks[a] is None or peaks[b] is None else peaks[a] < peaks[b]
                 r.met = r.ratio <= 1 / 1.5 and lower is not False
                 r.note += "peak memory = growth of RSS over one step in a fresh process; "

@@ -1,4 +1,4 @@
-"""Key-layout conversion between Musubi, Diffusers and ComfyUI (SPEC §3-§5), exact and streamed.
+"""Key-layout conversion between Musubi, Diffusers and ComfyUI, exact and streamed.
 
     from comfyui_lycoris.convert import convert_file
     result = convert_file("in.safetensors", "out.safetensors", to="comfyui")

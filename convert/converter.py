@@ -1,6 +1,6 @@
 """Convert an adapter file between the Musubi, Diffusers and ComfyUI layouts, exactly and streamed.
 
-Layouts (SPEC §3, §5):
+Layouts:
 - `musubi`: `lora_unet_` + Musubi's module path with `.` -> `_` (what Musubi Tuner trains and loads);
 - `diffusers`: `<prefix>.` + Musubi's dotted module path, as Musubi's `convert_lora.py --target other`
   writes it (LoRA as `lora_A`/`lora_B` with alpha folded in, √(alpha/r) into each, no alpha key;

@@ -23,7 +23,7 @@ def _number_key(value: float | int | None) -> str:
 
 
 def describe(adapter: AdapterFile, scan_values: bool = True) -> dict:
-    """Everything SPEC §5 lists for `inspect`. `scan_values` reads every tensor to count NaN/Inf."""
+    """What `inspect` reports (see README). `scan_values` reads every tensor to count NaN/Inf."""
     modules = list(adapter.modules.values())
     by_algorithm = Counter(m.algorithm for m in modules)
     problems = list(adapter.problems)

@@ -10,9 +10,8 @@ TrainLoraNode does it: a deep copy of the model (the input model is never touche
 
 from __future__ import annotations
 
-import functools
-import math
 import os
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -32,7 +31,9 @@ from ..lycoris_core.errors import AdapterError
 from ..lycoris_core.loading import load_report, load_tensors, weight_shapes
 from ..lycoris_core.plan import make_plan
 from ..lycoris_core.training import AdapterSet, TrainingConfig, inject_adapters, save_musubi, train
-from ..lycoris_core.training.config import ALGORITHMS, SAVE_DTYPES, UNSUPPORTED_OPTIMIZERS
+from ..lycoris_core.training.config import ALGORITHMS, SAVE_DTYPES, UNSUPPORTED_OPTIMIZERS, split_patterns
+from ..lycoris_core.training.data import training_data
+from ..lycoris_core.training.loop import batch_schedule
 from ..lycoris_core.training.plot import loss_chart_pixels
 from .common import show_text
 from .outputs import listed_name, numbered_output
@@ -65,78 +66,6 @@ class TrainedAdapter:
 
 # ---------------------------------------------------------------------------------------------
 # LycorisTrain
-
-
-def split_patterns(text: str) -> tuple[str, ...]:
-    """Regexes from a text field: one per line, or separated by commas outside (), [] and {} (so
-    `a{1,3}` stays one pattern); blanks dropped."""
-    patterns, current, depth, escaped = [], [], 0, False
-    for ch in text + "\n":
-        if escaped:
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth = max(0, depth - 1)
-        elif ch == "\n" or (ch == "," and depth == 0):
-            patterns.append("".join(current).strip())
-            current, depth = [], 0
-            continue
-        current.append(ch)
-    return tuple(p for p in patterns if p)
-
-
-def _clone_tensors(value):
-    """A copy of a conditioning structure whose tensors are ordinary tensors. ComfyUI makes them in inference
-    mode, and autograd cannot save an inference tensor for the backward pass: none may reach an adapted layer."""
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, dict):
-        return {k: _clone_tensors(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_clone_tensors(v) for v in value)
-    return value
-
-
-def training_data(latents: list[dict], positive: list[list]) -> tuple[torch.Tensor, list, list[int]]:
-    """(latents (N, …), captions, caption index of each latent) from the node's list inputs.
-
-    Like ComfyUI's TrainLoraNode: every LATENT batch item is one sample; conditionings are one caption for
-    all samples, or exactly one per sample (lists from the dataset nodes).
-    """
-    samples = [item for latent in latents for item in latent["samples"].unbind(0)]
-    if not samples:
-        raise AdapterError("no training latents: the LATENT input is empty")
-    shapes = sorted({tuple(s.shape) for s in samples})
-    if len(shapes) > 1:
-        raise AdapterError(f"training latents differ in size ({', '.join(map(str, shapes[:4]))}); "
-                           "LycorisTrain needs one size: resize or crop the images to one resolution")
-    captions = [entry for conditioning in positive for entry in conditioning]
-    if len(captions) == 1:
-        caption_of = [0] * len(samples)
-    elif len(captions) == len(samples):
-        caption_of = list(range(len(samples)))
-    else:
-        raise AdapterError(f"{len(captions)} conditionings for {len(samples)} latents: "
-                           "give one for all, or one per latent")
-    return torch.stack(samples).float(), _clone_tensors(captions), caption_of
-
-
-def batch_schedule(samples: int, batch_size: int, seed: int):
-    """step -> (step, sample indices): epochs in seeded random order, `batch_size` samples per step."""
-    batch_size = min(batch_size, samples)
-
-    @functools.lru_cache(maxsize=4)
-    def order(epoch: int) -> list[int]:
-        return torch.randperm(samples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-
-    def batch(step: int) -> tuple[int, list[int]]:
-        positions = range(step * batch_size, (step + 1) * batch_size)
-        return step, [order(p // samples)[p % samples] for p in positions]
-
-    return batch
 
 
 def denoising_loss(model_wrap, extra_args: dict, latents: torch.Tensor, caption_of: list[int], seed: int):
@@ -343,14 +272,10 @@ class LycorisTrain(io.ComfyNode):
         losses = trained.losses
         summary = (f"trained {trained.steps} steps in {time.perf_counter() - start:.1f} s on "
                    f"{describe_architecture(config.architecture)}: {trained.adapters.summary()}; "
-                   f"loss {_mean(losses[:10]):.4g} (first 10 steps) -> {_mean(losses[-10:]):.4g} (last 10)")
+                   f"loss {statistics.fmean(losses[:10]):.4g} (first 10 steps) -> {statistics.fmean(losses[-10:]):.4g} (last 10)")
         show_text(cls, summary)
         image = loss_image(trained.losses)
         return io.NodeOutput(trained, image, ui=ui.PreviewImage(image, cls=cls))
-
-
-def _mean(values) -> float:
-    return sum(values) / len(values) if values else math.nan
 
 
 # ---------------------------------------------------------------------------------------------

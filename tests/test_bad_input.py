@@ -1,4 +1,4 @@
-"""SPEC §6: bad files and paths get one clear error naming what is wrong, and nothing is written."""
+"""Bad input: bad files and paths get one clear error naming what is wrong, and nothing is written."""
 
 from __future__ import annotations
 

@@ -456,7 +456,7 @@ def test_conversion_streams_each_tensor_once_in_file_order(tmp_path, monkeypatch
 
 
 # ---------------------------------------------------------------------------------------------
-# Bad input (SPEC §6): one line, nothing written
+# Bad input: one line, nothing written
 
 
 def test_existing_output_needs_overwrite(tmp_path):

@@ -125,7 +125,7 @@ def test_loha_rebuild_in_row_blocks_matches_lycoris(monkeypatch):
 
 @pytest.mark.parametrize("out_features, in_features, rank, factor", [(64, 48, 4, -1), (64, 48, 1, -1), (64, 48, 4, 4), (48, 64, 16, 4)])
 def test_lokr_shapes_and_alpha_follow_musubi(out_features, in_features, rank, factor):
-    # musubi.md §2 (checked on Musubi's own module): full w2 => scale 1 and alpha saved = network_dim.
+    # Musubi's own module (checked by hand): full w2 => scale 1 and alpha saved = network_dim.
     layer = make_adapter("lokr", out_features, in_features, rank, 2.0, factor)
     shapes = {n: tuple(p.shape) for n, p in layer.named_parameters()}
     assert shapes == lokr_shapes(out_features, in_features, rank, factor)

@@ -8,25 +8,17 @@
 
 One module per concept: `config` (the options), `modules` (the trainable layers' math),
 `inject` (which layers, Musubi names, hooks), `loop` (optimizer, schedule, checkpoints),
-`musubi_file` (saving as Musubi does), `demo` (the built-in main job).
+`checkpointing` (exact gradient checkpointing), `data` (samples from ComfyUI's inputs),
+`musubi_file` (saving as Musubi does).
 """
 
 from .config import TrainingConfig
 from .inject import AdapterSet, Target, inject_adapters, plan_targets
 from .loop import TrainProgress, TrainResult, learning_rate_at, read_checkpoint, train
-from .modules import (
-    TRAINABLE,
-    AdaptedLinear,
-    TrainableAdapter,
-    TrainableLoHa,
-    TrainableLoKr,
-    build_trainable_linear,
-    make_adapter,
-)
+from .modules import TRAINABLE, TrainableAdapter, TrainableLoHa, TrainableLoKr, make_adapter
 from .musubi_file import musubi_hashes, musubi_metadata, save_musubi
 
 __all__ = [
-    "AdaptedLinear",
     "AdapterSet",
     "TRAINABLE",
     "Target",
@@ -36,7 +28,6 @@ __all__ = [
     "TrainableLoHa",
     "TrainableLoKr",
     "TrainingConfig",
-    "build_trainable_linear",
     "inject_adapters",
     "learning_rate_at",
     "make_adapter",

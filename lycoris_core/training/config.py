@@ -200,3 +200,24 @@ class TrainingConfig:
 ADAPTER_OPTIONS = ("algorithm", "rank", "alpha", "factor", "architecture", "include", "exclude")
 # A checkpoint resumes only under a config that agrees on these (steps, learning rate etc. may change).
 STRUCTURAL_OPTIONS = (*ADAPTER_OPTIONS, "optimizer")
+
+
+def split_patterns(text: str) -> tuple[str, ...]:
+    """Regexes from a text field: one per line, or separated by commas outside (), [] and {} (so
+    `a{1,3}` stays one pattern); blanks dropped."""
+    patterns, current, depth, escaped = [], [], 0, False
+    for ch in text + "\n":
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth = max(0, depth - 1)
+        elif ch == "\n" or (ch == "," and depth == 0):
+            patterns.append("".join(current).strip())
+            current, depth = [], 0
+            continue
+        current.append(ch)
+    return tuple(p for p in patterns if p)

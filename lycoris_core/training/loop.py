@@ -14,6 +14,7 @@ uint8 tensors, and the rest as JSON under the `comfyui_lycoris.checkpoint` metad
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -292,3 +293,18 @@ def load_checkpoint(
         torch.cuda.set_rng_state_all(cuda_states)
     batches.load(info["data"], tensors)
     return int(info["step"]), [float(v) for v in info["losses"]]
+
+
+def batch_schedule(samples: int, batch_size: int, seed: int):
+    """step -> (step, sample indices): epochs in seeded random order, `batch_size` samples per step."""
+    batch_size = min(batch_size, samples)
+
+    @functools.lru_cache(maxsize=4)
+    def order(epoch: int) -> list[int]:
+        return torch.randperm(samples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+    def batch(step: int) -> tuple[int, list[int]]:
+        positions = range(step * batch_size, (step + 1) * batch_size)
+        return step, [order(p // samples)[p % samples] for p in positions]
+
+    return batch

@@ -57,7 +57,7 @@ class TrainableAdapter(nn.Module):
         self.full_matrix = full_matrix
         alpha = float(alpha) if alpha else float(rank)  # Musubi: alpha 0/None means alpha = rank
         if full_matrix:
-            alpha = float(rank)  # Musubi stores alpha = network_dim; the scale is 1 (SPEC §2)
+            alpha = float(rank)  # Musubi stores alpha = network_dim; the scale is 1
         self.scale = 1.0 if full_matrix else alpha / rank
         self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32))
 
@@ -261,51 +261,3 @@ def make_adapter(
 
 # The trainable form of each algorithm training supports.
 TRAINABLE: dict[str, type[TrainableAdapter]] = {"lokr": TrainableLoKr, "loha": TrainableLoHa}
-
-
-class AdaptedLinear(nn.Module):
-    """A frozen Linear plus one trainable adapter: `base(x) + adapter(x)`. For benchmarks and
-    tests of a single layer; models are adapted in place by `inject_adapters`."""
-
-    def __init__(self, base: nn.Linear, adapter: TrainableAdapter):
-        super().__init__()
-        self.base, self.adapter = base, adapter
-        base.requires_grad_(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        delta = self.adapter(x)
-        return y if delta is None else y + delta.to(y.dtype)
-
-
-def build_trainable_linear(
-    algorithm: str,
-    out_features: int,
-    in_features: int,
-    rank: int,
-    alpha: float = 1.0,
-    factor: int = -1,
-    mode: str = "bypass",
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    base_dtype: torch.dtype | None = None,
-    seed: int = 0,
-    randomize: bool = True,
-) -> AdaptedLinear:
-    """One trainable layer at a given size, for `comfyui-lycoris bench`.
-
-    mode "bypass" is what training uses; "materialize" builds s·ΔW and calls F.linear (the
-    Musubi-style reference). `randomize` fills the zero-initialised half with small random values
-    so gradients reach every factor. Returns AdaptedLinear(base, adapter); only the adapter trains.
-    """
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        base = nn.Linear(in_features, out_features, bias=False, device=device, dtype=base_dtype or dtype)
-        adapter = make_adapter(algorithm, out_features, in_features, rank, alpha, factor, mode=mode)
-        if randomize:
-            with torch.no_grad():
-                for p in adapter.parameters():
-                    if not p.any():
-                        p.normal_(std=0.01)
-    return AdaptedLinear(base, adapter.to(device=device, dtype=dtype))

@@ -4,7 +4,7 @@ so Musubi loads our files and we load Musubi's the same way.
 Keys `lora_unet_<path>.{lokr_w1, lokr_w2 | lokr_w2_a, lokr_w2_b | hada_w1_a, …, alpha}`, every tensor
 (alpha too, 0-dim) in the save dtype; metadata all strings: the `ss_*` training record, the
 `modelspec.*` block (architecture ending in `/lora` whatever the algorithm, as Musubi writes it) and
-the `sshs_model_hash` / `sshs_legacy_hash` that Musubi precomputes (musubi.md §5).
+the `sshs_model_hash` / `sshs_legacy_hash` that Musubi precomputes.
 """
 
 from __future__ import annotations

@@ -23,18 +23,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..adapter_file import read_adapter
-from ..detection import detect_model_architecture
-from ..errors import AdapterError
-from ..merge import merge
-from ..plan import make_plan
-from ..safetensors_io import SafetensorsReader, save_tensors
-from .config import TrainingConfig
-from .inject import AdapterSet, inject_adapters
-from .loop import TrainProgress, train
-from ..algorithms.lokr import factorization
-from .musubi_file import save_musubi
-from .plot import loss_chart
+from .lycoris_core.adapter_file import read_adapter
+from .lycoris_core.algorithms.lokr import factorization
+from .lycoris_core.detection import detect_model_architecture
+from .lycoris_core.errors import AdapterError
+from .lycoris_core.merge import merge
+from .lycoris_core.plan import make_plan
+from .lycoris_core.safetensors_io import SafetensorsReader, save_tensors
+from .lycoris_core.training.config import TrainingConfig
+from .lycoris_core.training.inject import AdapterSet, inject_adapters
+from .lycoris_core.training.loop import TrainProgress, train
+from .lycoris_core.training.musubi_file import save_musubi
+from .lycoris_core.training.plot import loss_chart
 
 
 @dataclass(frozen=True)
