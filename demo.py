@@ -16,8 +16,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -149,7 +149,7 @@ def build_models(seed: int, size: DemoSize = DemoSize()) -> tuple[DemoDiT, DemoD
     teacher = DemoDiT(size)
     teacher.load_state_dict(base.state_dict())
     with torch.no_grad():
-        for name, module in teacher.blocks.named_modules():
+        for module in teacher.blocks.modules():
             if isinstance(module, nn.Linear):
                 (out_l, out_k), (in_m, in_n) = factorization(module.out_features), factorization(module.in_features)
 

@@ -8,6 +8,8 @@ F.linear(x, s·ΔW)`. Overhead = ours / bare − 1.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -22,6 +24,11 @@ VARIANTS = (  # (label, algorithm, kind, rank)
     ("loha r16", "loha", None, 16),
     ("loha r32", "loha", None, 32),
 )
+
+
+def _built(mod, base, x, dtype):
+    """LoHa's bypass the way ComfyUI's adapter does it: build s·ΔW, then a second F.linear."""
+    return base(x) + F.linear(x, mod.delta_weight(dtype).mul_(STRENGTH))
 
 
 def _module(algorithm: str, kind: str | None, rank: int, shape, device, dtype):
@@ -43,17 +50,13 @@ def run(shapes: dict[str, tuple[int, int]], tokens: int, runs: int, device: torc
         log(f"bypass {shape_name} tokens {tokens}")
         weight = synthetic.fill(shape, dtype, device)
         x = torch.randn(tokens, shape[1], device=device, dtype=dtype)
-
-        def base(v):
-            return F.linear(v, weight)
-
-        fns = {"bare": lambda: base(x)}
+        base = functools.partial(F.linear, weight=weight)  # bound now: `weight` and `x` are deleted below
+        fns = {"bare": functools.partial(base, x)}
         for label, algorithm, kind, rank in VARIANTS:
-            mod, t = _module(algorithm, kind, rank, shape, device, dtype)
-            fns[label] = lambda mod=mod: mod.bypass_forward(x, base, STRENGTH)
+            mod, _ = _module(algorithm, kind, rank, shape, device, dtype)
+            fns[label] = functools.partial(mod.bypass_forward, x, base, STRENGTH)
             if algorithm == "loha":
-                fns[label + " build ΔW"] = lambda mod=mod, t=t: base(x) + F.linear(
-                    x, mod.delta_weight(dtype).mul_(STRENGTH))
+                fns[label + " build ΔW"] = functools.partial(_built, mod, base, x, dtype)
         with torch.no_grad():
             # warm-up, and a check that ours equals W·x + s·ΔW·x
             reference_base = base(x).float()
@@ -77,7 +80,7 @@ def run(shapes: dict[str, tuple[int, int]], tokens: int, runs: int, device: torc
         for label, algorithm, kind, rank in VARIANTS:
             params = dict(params_common, algorithm=algorithm, rank=rank, kind=kind or "lowrank")
             ours = timings[label]
-            r = Result("bypass", f"bypass {label} {shape_name} vs bare Linear", params, "ModuleAdapter.bypass_forward",
+            r = Result("bypass", f"bypass {label} {shape_name} vs bare Linear", params, "BoundModule.bypass_forward",
                        "bare F.linear(x, W)", seconds=ours.median, baseline_seconds=bare.median, runs=ours.runs,
                        note=notes.get(label, "")).finish()
             r.note += f"overhead {100 * (r.ratio - 1):.1f}%; "
@@ -87,7 +90,7 @@ def run(shapes: dict[str, tuple[int, int]], tokens: int, runs: int, device: torc
             if algorithm == "loha":
                 built = timings[label + " build ΔW"]
                 r = Result("bypass", f"bypass {label} {shape_name} vs building ΔW", params,
-                           "ModuleAdapter.bypass_forward", "F.linear(x, W) + F.linear(x, s·ΔW) (ΔW built per call)",
+                           "BoundModule.bypass_forward", "F.linear(x, W) + F.linear(x, s·ΔW) (ΔW built per call)",
                            seconds=ours.median, baseline_seconds=built.median, runs=ours.runs,
                            note=notes.get(label, "")).finish()
                 if rank <= 32:

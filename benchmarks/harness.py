@@ -17,8 +17,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
 
@@ -49,7 +49,7 @@ class Result:
     note: str = ""
     metric: str = "time"  # "time": ratio = seconds / baseline_seconds; "memory": peak_bytes / baseline_peak_bytes
 
-    def finish(self) -> "Result":
+    def finish(self) -> Result:
         if self.ratio is None and self.seconds is not None and self.baseline_seconds:
             self.ratio = self.seconds / self.baseline_seconds
         return self
@@ -144,7 +144,7 @@ class AnonPeak:
             if value is not None and (self.peak is None or value > self.peak):
                 self.peak = value
 
-    def __enter__(self) -> "AnonPeak":
+    def __enter__(self) -> AnonPeak:
         self._thread.start()
         return self
 

@@ -106,7 +106,7 @@ def worker(params: dict) -> dict:
             peak = torch.cuda.max_memory_allocated(device) - sum(w.numel() * w.element_size() for w in base.values())
         # The floor: one same-size add per weight (X shared by weights of the same size).
         xs = {}
-        for key, w in base.items():
+        for w in base.values():
             xs.setdefault(w.numel(), synthetic.fill((w.numel(),), dtype, device))
 
         def floor():

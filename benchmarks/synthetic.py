@@ -12,10 +12,10 @@ import os
 import torch
 
 from ..lycoris_core.algorithms import ALGORITHMS
-from ..lycoris_core.module import BoundModule, ModuleAdapter
-from ..lycoris_core.scales import lycoris_scale
-from ..lycoris_core.safetensors_io import SafetensorsWriter, TensorEntry, save_tensors
 from ..lycoris_core.algorithms.lokr import factorization
+from ..lycoris_core.module import BoundModule, ModuleAdapter
+from ..lycoris_core.safetensors_io import SafetensorsWriter, TensorEntry, save_tensors
+from ..lycoris_core.scales import lycoris_scale
 
 # name -> (out, in) of a Linear weight
 SHAPES = {

@@ -29,14 +29,14 @@ from ..lycoris_core.adapter_file import AdapterFile, read_adapter
 from ..lycoris_core.architectures import ARCHITECTURES, SUPPORTED, describe_architecture, get_architecture
 from ..lycoris_core.errors import AdapterError
 from ..lycoris_core.finite import count_nonfinite, describe_nonfinite
+from ..lycoris_core.module import ModuleAdapter
+from ..lycoris_core.naming import COMFY_PREFIX, MUSUBI_PREFIX, AmbiguousName, Naming, Partition, flatten, naming_for
+from ..lycoris_core.rows import Rows
 from ..lycoris_core.safetensors_io import (
     SafetensorsWriter,
     TensorEntry,
     check_output_path,
 )
-from ..lycoris_core.module import ModuleAdapter
-from ..lycoris_core.naming import COMFY_PREFIX, MUSUBI_PREFIX, AmbiguousName, Naming, Partition, flatten, naming_for
-from ..lycoris_core.rows import Rows
 from .regroup import Inexact, ModuleSpec, Source, TensorSpec, fuse, reorder, split
 
 TARGETS = ("musubi", "diffusers", "comfyui")

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import torch
 
@@ -24,8 +24,8 @@ from .errors import AdapterError
 from .finite import count_nonfinite, describe_nonfinite
 from .module import ALPHA, BIAS, DORA, ModuleAdapter, TensorSource
 from .naming import DOTTED_FAMILIES
-from .scales import FULL_MATRIX_RULE, LYCORIS_RULE, PeftConfig, find_peft_config, lycoris_scale
 from .safetensors_io import PICKLE_SUFFIXES, SafetensorsReader, TensorEntry, dtype_name, load_pickle_tensors
+from .scales import FULL_MATRIX_RULE, LYCORIS_RULE, PeftConfig, find_peft_config, lycoris_scale
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _SUFFIXES_LONGEST_FIRST = sorted(SUFFIX_INDEX, key=len, reverse=True)

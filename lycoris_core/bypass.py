@@ -16,8 +16,8 @@ mode is exact and bypass rescales only by the base weight.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Mapping
+from collections.abc import Mapping
 
 from .architectures import ARCHITECTURES, COMFYUI, DIFFUSERS, MUSUBI, SUPPORTED, Architecture
 from .naming import FLAT_FAMILIES, MUSUBI_PREFIX, AmbiguousName, Place, module_path, naming_for

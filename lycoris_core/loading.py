@@ -12,16 +12,16 @@ from __future__ import annotations
 import os
 import threading
 from collections import Counter, OrderedDict
-from typing import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
 from .adapter_file import AdapterFile, read_adapter
-from .module import ModuleAdapter
 from .algorithms import ALGORITHMS
 from .architectures import describe_architecture
 from .errors import AdapterError
 from .finite import count_nonfinite, describe_nonfinite
+from .module import ModuleAdapter
 from .plan import LoadPlan
 from .report import VARIANT_WORDS
 

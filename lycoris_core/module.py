@@ -9,8 +9,8 @@ a bypass hook on one device) and never reads the file.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 import torch
 
@@ -75,7 +75,7 @@ class ModuleAdapter:
         """The module's tensors as stored (dtype kept, CPU), by canonical name."""
         return {name: self.source(self.params[name].name) for name in self.tensor_names}
 
-    def bind(self, device: torch.device | str | None = None) -> "BoundModule":
+    def bind(self, device: torch.device | str | None = None) -> BoundModule:
         """The module with its tensors read from the file, in fp32 on `device`."""
         return BoundModule(self, self.read(), device)
 
@@ -108,7 +108,7 @@ class BoundModule:
         self.record = record
         self.tensors = {name: t.to(device=device, dtype=dtype) for name, t in tensors.items()}
 
-    def to(self, device: torch.device | str) -> "BoundModule":
+    def to(self, device: torch.device | str) -> BoundModule:
         return BoundModule(self.record, self.tensors, device)
 
     @property

@@ -20,8 +20,8 @@ from __future__ import annotations
 import functools
 import re
 import string
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from .architectures import ARCHITECTURES, COMFYUI, DIFFUSERS, MUSUBI, PLACEHOLDERS, Architecture, Name, Part, SwapHalves
 from .errors import AdapterError
@@ -45,7 +45,7 @@ def flatten(path: str) -> str:
     return path.replace(".", "_")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def template_regex(template: str, flat: bool = False) -> re.Pattern:
     """A template as a full-match regex; `flat` matches the underscored form ('.' -> '_')."""
     pattern = ""
@@ -227,6 +227,6 @@ def _literal_tail(template: str) -> str:
     return literal if field is None else ""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def naming_for(arch_id: str | None) -> Naming:
     return Naming(ARCHITECTURES[arch_id] if arch_id else None)

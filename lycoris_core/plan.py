@@ -11,8 +11,8 @@ weights, and swapped halves land swapped.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from .adapter_file import AdapterFile
 from .architectures import ARCHITECTURES, Part, describe_architecture, get_architecture

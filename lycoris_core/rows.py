@@ -24,10 +24,10 @@ class Rows(NamedTuple):
         """The rows of `tensor` (a view)."""
         return tensor.narrow(0, self.start, self.size)
 
-    def shifted(self, offset: int) -> "Rows":
+    def shifted(self, offset: int) -> Rows:
         return Rows(self.start + offset, self.stop + offset)
 
-    def overlap(self, other: "Rows") -> "Rows | None":
+    def overlap(self, other: Rows) -> Rows | None:
         start, stop = max(self.start, other.start), min(self.stop, other.stop)
         return Rows(start, stop) if start < stop else None
 

@@ -17,8 +17,8 @@ import math
 import os
 import struct
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from safetensors import safe_open
@@ -214,7 +214,7 @@ class SafetensorsReader:
     def close(self) -> None:
         self._handle = None
 
-    def __enter__(self) -> "SafetensorsReader":
+    def __enter__(self) -> SafetensorsReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -359,7 +359,7 @@ class SafetensorsWriter:
         raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned
         return struct.pack("<Q", len(raw)) + raw
 
-    def __enter__(self) -> "SafetensorsWriter":
+    def __enter__(self) -> SafetensorsWriter:
         self._target = AtomicFile(self.path, self.overwrite)
         # A large buffer batches the many small tensors of an adapter into few writes.
         self._file = open(self._target.tmp, "wb", buffering=WRITE_BUFFER_BYTES)

@@ -17,8 +17,8 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from .algorithms import Algorithm
 from .errors import AdapterError

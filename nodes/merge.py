@@ -18,7 +18,13 @@ from comfy_api.latest import io, ui
 from ..lycoris_core.errors import AdapterError
 from ..lycoris_core.merge import merge, parse_adapter_arg
 from .common import (
-    ADAPTER_FOLDER, CATEGORY, adapter_fingerprint, adapter_name_input, adapter_path, lokr_full_matrix_alpha_input, show_text,
+    ADAPTER_FOLDER,
+    CATEGORY,
+    adapter_fingerprint,
+    adapter_name_input,
+    adapter_path,
+    lokr_full_matrix_alpha_input,
+    show_text,
 )
 from .converter import ARCHITECTURES
 from .loader import STRENGTH

@@ -39,7 +39,7 @@ class LycorisWeightPatch(comfy.weight_adapter.WeightAdapterBase):
         self.weights = weights
 
     @classmethod
-    def create(cls, module, tensors: dict[str, torch.Tensor], source_rows: Rows | None = None) -> "LycorisWeightPatch":
+    def create(cls, module, tensors: dict[str, torch.Tensor], source_rows: Rows | None = None) -> LycorisWeightPatch:
         names = tuple(tensors)
         return cls(set(module.keys), (module, source_rows, names, *(tensors[n] for n in names)))
 

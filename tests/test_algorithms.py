@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from comfyui_lycoris.lycoris_core import read_adapter
-from comfyui_lycoris.lycoris_core.rows import Rows
 from comfyui_lycoris.lycoris_core.algorithms import ALGORITHMS, base
+from comfyui_lycoris.lycoris_core.rows import Rows
 from helpers import rel_err
 
 OUT, IN = 48, 40  # out = 6·8, in = 5·8

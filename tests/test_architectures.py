@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from comfyui_lycoris.lycoris_core import AdapterError, read_adapter
 from comfyui_lycoris.lycoris_core.architectures import Part
 from comfyui_lycoris.lycoris_core.detection import detect_adapter_architecture, detect_model_architecture
@@ -13,6 +11,7 @@ from comfyui_lycoris.lycoris_core.naming import module_path, naming_for
 from comfyui_lycoris.lycoris_core.plan import make_plan
 from comfyui_lycoris.lycoris_core.rows import Rows
 from helpers import ARCH_OF_PREFIX, COMFY_MODELS, MUSUBI, adapter_entries, comfy_names, expected_weights
+from safetensors.torch import load_file
 
 ENTRIES = adapter_entries()
 COMFY_ARCHS = sorted(p.stem for p in COMFY_MODELS.glob("*.json") if "." not in p.stem)

@@ -8,7 +8,6 @@ import struct
 
 import pytest
 import torch
-
 from comfyui_lycoris.lycoris_core import AdapterError, SafetensorsWriter, read_adapter, save_tensors
 from comfyui_lycoris.lycoris_core.safetensors_io import TensorEntry, atomic_output
 

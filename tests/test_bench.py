@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-
 from comfyui_lycoris.benchmarks import suite
 from comfyui_lycoris.benchmarks.harness import SCHEMA_NAME, SCHEMA_VERSION, STATUSES, markdown
 from comfyui_lycoris.cli import build_parser

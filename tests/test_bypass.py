@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from comfyui_lycoris.lycoris_core import AdapterError, read_adapter
 from comfyui_lycoris.lycoris_core.bypass import BypassSet
 from comfyui_lycoris.lycoris_core.loading import weight_shapes

@@ -34,7 +34,8 @@ from safetensors.torch import save_file
 ENTRIES = adapter_entries()
 SOURCES = [e for e in ENTRIES if e["format"] == "musubi"]
 COPIES = [e for e in ENTRIES if e["format"] == "diffusers"]
-IDS = lambda e: e["file"]
+def IDS(entry):
+    return entry["file"]
 
 # The key suffixes ComfyUI core's `load_lora` consumes (comfy/lora.py, comfy/weight_adapter/*), by hand.
 CORE_SUFFIXES = {

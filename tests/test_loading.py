@@ -8,13 +8,15 @@ import shutil
 
 import pytest
 import torch
-
 from comfyui_lycoris.lycoris_core import AdapterError
 from comfyui_lycoris.lycoris_core.loading import (
-    load_report, load_tensors, read_adapter_cached, weight_shapes,
+    load_report,
+    load_tensors,
+    read_adapter_cached,
+    weight_shapes,
 )
-from comfyui_lycoris.lycoris_core.naming import is_text_encoder_stem
 from comfyui_lycoris.lycoris_core.module import BoundModule
+from comfyui_lycoris.lycoris_core.naming import is_text_encoder_stem
 from comfyui_lycoris.lycoris_core.plan import make_plan
 from helpers import MUSUBI, comfy_names, rel_err
 

@@ -9,15 +9,21 @@ import sys
 
 import pytest
 import torch
+from comfyui_lycoris.lycoris_core import AdapterError, read_adapter
+from comfyui_lycoris.lycoris_core.merge import MERGE_METADATA_KEY, merge, parse_adapter_arg
+from comfyui_lycoris.lycoris_core.rows import Rows
+from helpers import (
+    ARCH_OF_PREFIX,
+    MUSUBI,
+    adapter_entries,
+    comfy_location,
+    comfy_names,
+    expected_weights,
+    module_paths,
+    rel_err,
+)
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-
-from comfyui_lycoris.lycoris_core import AdapterError, read_adapter
-from comfyui_lycoris.lycoris_core.rows import Rows
-from comfyui_lycoris.lycoris_core.merge import MERGE_METADATA_KEY, merge, parse_adapter_arg
-from helpers import (
-    ARCH_OF_PREFIX, MUSUBI, adapter_entries, comfy_location, comfy_names, expected_weights, module_paths, rel_err,
-)
 
 ENTRIES = adapter_entries()
 COMFY_ENTRIES = [e for e in ENTRIES if e["arch_id"] != "framepack"]  # ComfyUI core has no FramePack model

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from comfyui_lycoris.lycoris_core import read_adapter
 from helpers import MUSUBI, adapter_entries, expected_weights, module_paths, rel_err, stem_of
 

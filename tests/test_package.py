@@ -23,15 +23,15 @@ def run_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_imports_without_comfyui_as_installed(tmp_path):
-    result = run_python("""
+    result = run_python(f"""
         import inspect, sys
         import comfyui_lycoris
         assert inspect.iscoroutinefunction(comfyui_lycoris.comfy_entrypoint)
         from comfyui_lycoris.lycoris_core import read_adapter, bypass, loading  # the core the nodes use
-        comfy = sorted(m for m in sys.modules if m.split(".")[0] in %r)
+        comfy = sorted(m for m in sys.modules if m.split(".")[0] in {COMFYUI_MODULES!r})
         assert not comfy, comfy
         print("ok")
-    """ % COMFYUI_MODULES, cwd=tmp_path)
+    """, cwd=tmp_path)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 

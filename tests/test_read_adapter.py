@@ -7,7 +7,6 @@ import dataclasses
 
 import pytest
 import torch
-
 from comfyui_lycoris.lycoris_core import AdapterError, read_adapter
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import os
 
-
 from comfyui_lycoris.cli import main
-from comfyui_lycoris.lycoris_core import read_adapter
 from comfyui_lycoris.demo import output_files
+from comfyui_lycoris.lycoris_core import read_adapter
 
 
 def test_demo_trains_saves_converts_merges_and_verifies(tmp_path, capsys):

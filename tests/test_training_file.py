@@ -16,8 +16,6 @@ import datetime
 import pytest
 import torch
 import torch.nn as nn
-from safetensors import safe_open
-
 from comfyui_lycoris.lycoris_core import read_adapter
 from comfyui_lycoris.lycoris_core.errors import AdapterError
 from comfyui_lycoris.lycoris_core.merge import merge
@@ -31,6 +29,7 @@ from comfyui_lycoris.lycoris_core.training import (
     save_musubi,
 )
 from helpers import MUSUBI, comfy_names, expected_weights, manifest_files, module_paths, rel_err
+from safetensors import safe_open
 
 SOURCES = [e for e in manifest_files() if e["format"] == "musubi" and not e["file"].endswith(".expected.safetensors")]
 IDS = [e["file"] for e in SOURCES]

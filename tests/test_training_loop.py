@@ -9,10 +9,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
+from comfyui_lycoris.demo import DemoSize, build_models, make_batches
 from comfyui_lycoris.lycoris_core.errors import AdapterError
 from comfyui_lycoris.lycoris_core.training import TrainingConfig, inject_adapters, learning_rate_at, read_checkpoint, train
-from comfyui_lycoris.demo import DemoSize, build_models, make_batches
 
 SIZE = DemoSize(dim=24, ffn=48, heads=2, blocks=2, in_dim=8, text_dim=8, freq_dim=8, tokens=6, text_tokens=4, batch=2)
 

@@ -15,13 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 lycoris_modules = pytest.importorskip("lycoris.modules", reason="lycoris-lora (test extra) is not installed")
-from lycoris.functional import factorization as lycoris_factorization  # noqa: E402
-
 from comfyui_lycoris.lycoris_core.algorithms.lokr import factorization  # noqa: E402
 from comfyui_lycoris.lycoris_core.algorithms.lokr import trainable_shapes as lokr_shapes  # noqa: E402
 from comfyui_lycoris.lycoris_core.training import make_adapter  # noqa: E402
 from comfyui_lycoris.lycoris_core.training import modules as training_modules  # noqa: E402
 from helpers import rel_err  # noqa: E402
+from lycoris.functional import factorization as lycoris_factorization  # noqa: E402
 
 DIMS = [4, 6, 8, 10, 12, 16, 18, 24, 26, 30, 32, 40, 48, 64]
 SETTINGS = settings(max_examples=25, deadline=None)

@@ -12,14 +12,13 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from comfyui_lycoris.convert import convert_file
 from comfyui_lycoris.lycoris_core import AdapterError, read_adapter
 from comfyui_lycoris.lycoris_core.detection import detect_adapter_architecture
 from comfyui_lycoris.lycoris_core.merge import merge
 from comfyui_lycoris.lycoris_core.plan import make_plan
 from helpers import WILD, change_err, wild_changed_keys, wild_entries, wild_expected
+from safetensors.torch import load_file, save_file
 
 ENTRIES = wild_entries()
 IDS = [e["file"] for e in ENTRIES]

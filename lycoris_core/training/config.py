@@ -123,7 +123,7 @@ class TrainingConfig:
             args["exclude_patterns"] = str(list(self.exclude))
         return args
 
-    def validate(self) -> "TrainingConfig":
+    def validate(self) -> TrainingConfig:
         """Raise AdapterError naming the first bad option; returns self."""
 
         def bad(option: str, why: str) -> AdapterError:
@@ -184,7 +184,7 @@ class TrainingConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainingConfig":
+    def from_dict(cls, data: dict) -> TrainingConfig:
         """From `to_dict()` output (e.g. a checkpoint); unknown keys are an error, not ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
@@ -192,7 +192,7 @@ class TrainingConfig:
             raise AdapterError(f"unknown training options: {', '.join(unknown)}")
         return cls(**data)
 
-    def replace(self, **changes) -> "TrainingConfig":
+    def replace(self, **changes) -> TrainingConfig:
         return dataclasses.replace(self, **changes)
 
 

@@ -174,7 +174,7 @@ class AdapterSet(nn.Module):
                 block.forward = own
         self._checkpointed.clear()
 
-    def __enter__(self) -> "AdapterSet":
+    def __enter__(self) -> AdapterSet:
         return self
 
     def __exit__(self, *exc) -> None:

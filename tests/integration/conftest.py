@@ -18,7 +18,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from comfyui_host import REPO, require_comfyui
 from helpers import MUSUBI, comfy_location, module_paths
 

@@ -7,10 +7,9 @@ import importlib
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from comfyui_host import require_comfyui
 from helpers import MUSUBI, adapter_entries, expected_weights, rel_err
+from safetensors.torch import load_file
 
 require_comfyui()  # skips this module, with the reason, when there is no ComfyUI
 
@@ -47,7 +46,7 @@ def test_model_save_of_a_patch_mode_model_is_the_merge(comfy_env, name, tmp_path
     for key, tensor in before.items():
         if key in touched:
             unadapted = torch.ones(tensor.shape[0], dtype=torch.bool)
-            for path, (k, rows) in where.items():
+            for k, rows in where.values():
                 if k == key:
                     unadapted[rows] = False
             assert torch.equal(saved[key][unadapted], tensor[unadapted]), key

@@ -13,7 +13,6 @@ import re
 
 import pytest
 import torch
-
 from comfyui_host import require_comfyui
 from helpers import adapter_entries, expected_weights, module_paths, rel_err
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from comfyui_host import require_comfyui
 from helpers import ARCH_OF_PREFIX, adapter_entries, expected_weights, module_paths, rel_err
 

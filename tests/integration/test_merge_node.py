@@ -9,10 +9,9 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from comfyui_host import require_comfyui
 from helpers import MUSUBI, adapter_entries, expected_weights, module_paths
+from safetensors.torch import load_file, save_file
 
 require_comfyui()  # skips this module, with the reason, when there is no ComfyUI
 

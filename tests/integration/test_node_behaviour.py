@@ -8,10 +8,9 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
-
 from comfyui_host import require_comfyui
 from helpers import MUSUBI, adapter_entries, expected_weights, rel_err
+from safetensors.torch import save_file
 
 require_comfyui()  # skips this module, with the reason, when there is no ComfyUI
 

@@ -19,10 +19,9 @@ import urllib.request
 from types import SimpleNamespace
 
 import pytest
-from safetensors.torch import save_file
-
 from comfyui_host import REPO, require_comfyui
 from helpers import MUSUBI
+from safetensors.torch import save_file
 
 require_comfyui()  # skips this module, with the reason, when there is no ComfyUI
 

@@ -220,7 +220,7 @@ def test_apply_patches_like_saving_and_loading(comfy_env, comfy_dirs, trained, s
                                                   prefix="diffusion_model", save_dtype="float32").args
     applied, report = run(comfy_env, "LycorisApply", model=mp, adapter=adapter, strength=strength, mode="patch").args
     assert "applied       24 of 24 modules" in report and "unmatched     0" in report
-    loaded, _ = run(comfy_env, "LycorisLoaderModelOnly", 
+    loaded, _ = run(comfy_env, "LycorisLoaderModelOnly",
         model=mp, lora_name="tests/" + path.rsplit("/", 1)[1], strength_model=strength, architecture="auto", mode="patch",
         lokr_full_matrix_alpha=False).args
     base = comfy_env.weights(mp)

@@ -24,7 +24,6 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-
 from comfyui_host import require_comfyui
 from helpers import FIXTURES
 
@@ -41,7 +40,7 @@ APPLIED = re.compile(r"^applied\s+(\d+) of (\d+) modules", re.M)
 IN_WEIGHTS = re.compile(r"^note\s+(\d+) modules on layers other than Linear .* were patched into their weights", re.M)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def base_weights(arch: str) -> dict[str, torch.Tensor]:
     """The fixture's full ComfyUI diffusion-model state dict for `arch` (keys without prefix)."""
     from safetensors.torch import load_file
@@ -49,7 +48,7 @@ def base_weights(arch: str) -> dict[str, torch.Tensor]:
     return load_file(str(WILD / "bases" / f"{arch}.comfyui.safetensors"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def expected(file: str) -> dict[str, dict[str, torch.Tensor]]:
     """{"base" | "1.0" | "0.5": {K: tensor}} from `<name>.expected.safetensors`."""
     from safetensors.torch import load_file
@@ -319,7 +318,7 @@ def test_core_vs_ours_table(results, capsys, tmp_path_factory):
             continue
         m = next(iter(r.values()))["expected"]
 
-        def at(who: str) -> str:
+        def at(who: str, r=r, m=m) -> str:
             return " ".join(f"{r[s][who]['exact']}/{m}" + ("" if s == "1.0" else f"@{s}") for s in STRENGTHS if s in r)
 
         changed = max(v["core"]["changed"] for v in r.values())
