@@ -18,7 +18,6 @@ needs, checked for NaN/Inf on the way, written, and dropped; the file appears on
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,11 +31,7 @@ from ..lycoris_core.finite import count_nonfinite, describe_nonfinite
 from ..lycoris_core.module import ModuleAdapter
 from ..lycoris_core.naming import COMFY_PREFIX, MUSUBI_PREFIX, AmbiguousName, Naming, Partition, flatten, naming_for
 from ..lycoris_core.rows import Rows
-from ..lycoris_core.safetensors_io import (
-    SafetensorsWriter,
-    TensorEntry,
-    check_output_path,
-)
+from ..lycoris_core.safetensors_io import SafetensorsWriter, TensorEntry, append_records, check_output_path
 from .regroup import Inexact, ModuleSpec, Source, TensorSpec, fuse, reorder, split
 
 TARGETS = ("musubi", "diffusers", "comfyui")
@@ -505,12 +500,7 @@ def _metadata(adapter: AdapterFile, target: str, arch_id: str, prefix: str | Non
     }
     if prefix is not None:
         record["prefix"] = prefix
-    try:
-        records = json.loads(metadata.get(CONVERTED_FROM_KEY, "[]"))
-    except json.JSONDecodeError:
-        records = []
-    records = records if isinstance(records, list) else [records]
-    metadata[CONVERTED_FROM_KEY] = json.dumps(records + [record])
+    append_records(metadata, CONVERTED_FROM_KEY, [record])
     return metadata
 
 

@@ -10,7 +10,6 @@ plus a block and the adapters.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +21,14 @@ from .adapter_file import read_adapter
 from .errors import AdapterError
 from .plan import LoadPlan, Patch, make_plan
 from .rows import Rows
-from .safetensors_io import SafetensorsReader, SafetensorsWriter, TensorEntry, check_output_path, dtype_name
+from .safetensors_io import (
+    SafetensorsReader,
+    SafetensorsWriter,
+    TensorEntry,
+    append_records,
+    check_output_path,
+    dtype_name,
+)
 
 MERGE_METADATA_KEY = "comfyui_lycoris.merge"
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -127,6 +133,31 @@ def _merge_tensor(
     return clipped
 
 
+Planned = dict[str, list[tuple[Patch, float]]]  # BASE key -> (patch, strength) of every adapter landing there
+
+
+def _plan_all(base: str, entries: dict[str, TensorEntry], adapters, architecture: str, lokr_full_matrix_alpha: bool):
+    """Read, check and plan every adapter against BASE before anything is written:
+    (plans, strengths, weight targets, bias targets)."""
+    shapes = {key: entry.shape for key, entry in entries.items()}
+    plans, strengths = [], []
+    targets: Planned = {}
+    bias_targets: Planned = {}
+    for path, strength in adapters:
+        adapter = read_adapter(path, lokr_full_matrix_alpha=lokr_full_matrix_alpha)
+        adapter.check_finite()
+        plan = make_plan(adapter, shapes, architecture)
+        for patch in plan.patches:
+            _check_mergeable(patch.target.key, entries[patch.target.key], base)
+            targets.setdefault(patch.target.key, []).append((patch, strength))
+            if patch.bias_key:
+                _check_mergeable(patch.bias_key, entries[patch.bias_key], base)
+                bias_targets.setdefault(patch.bias_key, []).append((patch, strength))
+        plans.append(plan)
+        strengths.append(strength)
+    return plans, strengths, targets, bias_targets
+
+
 def merge(
     base: str | os.PathLike,
     output: str | os.PathLike,
@@ -150,27 +181,9 @@ def merge(
         raise AdapterError(f"{output}: output would replace the base model it is read from")
     reader = SafetensorsReader(base)
     entries = reader.header.tensors
-    shapes = {key: entry.shape for key, entry in entries.items()}
-
-    plans, strengths = [], []
-    targets: dict[str, list[tuple[Patch, float]]] = {}
-    bias_targets: dict[str, list[tuple[Patch, float]]] = {}
-    for path, strength in adapters:
-        adapter = read_adapter(path, lokr_full_matrix_alpha=lokr_full_matrix_alpha)
-        adapter.check_finite()
-        plan = make_plan(adapter, shapes, architecture)
-        for patch in plan.patches:
-            _check_mergeable(patch.target.key, entries[patch.target.key], base)
-            targets.setdefault(patch.target.key, []).append((patch, strength))
-            if patch.bias_key:
-                _check_mergeable(patch.bias_key, entries[patch.bias_key], base)
-                bias_targets.setdefault(patch.bias_key, []).append((patch, strength))
-        plans.append(plan)
-        strengths.append(strength)
-
+    plans, strengths, targets, bias_targets = _plan_all(base, entries, adapters, architecture, lokr_full_matrix_alpha)
     metadata = dict(reader.header.metadata)
-    records = json.loads(metadata.get(MERGE_METADATA_KEY, "[]"))
-    records += [
+    append_records(metadata, MERGE_METADATA_KEY, [
         {
             "adapter": os.path.basename(plan.adapter.path),
             "strength": strength,
@@ -180,8 +193,7 @@ def merge(
             "modules_unmatched": len(plan.unmatched),
         }
         for plan, strength in zip(plans, strengths)
-    ]
-    metadata[MERGE_METADATA_KEY] = json.dumps(records)
+    ])
 
     result = MergeResult(output, plans, strengths)
     layout = list(entries.values())

@@ -431,3 +431,16 @@ def save_tensors(
     with SafetensorsWriter(path, layout, metadata, overwrite) as writer:
         for name, t in tensors.items():
             writer.write(name, t)
+
+
+def append_records(metadata: dict[str, str], key: str, records: list[dict]) -> None:
+    """Append `records` to the JSON list kept under `metadata[key]` (what this pack did to a file).
+    An earlier value that is not a JSON list is kept, as the list's first entry, never dropped."""
+    old = metadata.get(key)
+    try:
+        earlier = json.loads(old) if old is not None else []
+    except (ValueError, RecursionError):
+        earlier = [{"unreadable": old}]
+    if not isinstance(earlier, list):
+        earlier = [earlier]
+    metadata[key] = json.dumps(earlier + records)

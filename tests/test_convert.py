@@ -565,3 +565,32 @@ def test_cli_converts_and_reports(tmp_path, capsys):
     assert main(["convert", str(MUSUBI / "z_image_loha_r4_a2.safetensors"), str(out), "--to", "comfyui"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "output file exists" in err and "Traceback" not in err
+
+
+def test_a_refusal_quotes_stems_with_braces_as_they_are(tmp_path, write_safetensors):
+    """The refusal message names the modules even when their key prefix holds `{...}`."""
+    gen = torch.Generator().manual_seed(3)
+    prefix = "my{odd}.prefix"
+    tensors = {}
+    for p in "qk":  # HunyuanVideo 1.5 LoKr q/k: ComfyUI maps no name onto those slices
+        tensors[f"{prefix}.double_blocks.0.img_attn_{p}.lokr_w1"] = torch.randn(2, 2, generator=gen)
+        tensors[f"{prefix}.double_blocks.0.img_attn_{p}.lokr_w2"] = torch.randn(5, 5, generator=gen)
+    source = write_safetensors(tensors, metadata={"ss_base_model_version": "hunyuan_video_1_5"})
+    with pytest.raises(AdapterError, match=r"my\{odd\}\.prefix\.double_blocks\.0\.img_attn_q.*nothing written"):
+        convert_file(source, tmp_path / "out.safetensors", "comfyui")
+
+
+def test_the_slices_note_names_the_algorithm_kept_as_slices(tmp_path, write_safetensors):
+    """LoHa parts with different scales cannot be fused into one module: kept as slices, said as LoHa."""
+    gen = torch.Generator().manual_seed(4)
+    tensors = {}
+    for p, alpha in zip("qkv", (1.0, 2.0, 3.0)):
+        stem = f"transformer.transformer_blocks.0.attn.to_{p}"
+        tensors.update({f"{stem}.hada_w1_a": torch.randn(10, 2, generator=gen), f"{stem}.hada_w1_b": torch.randn(2, 10, generator=gen),
+                        f"{stem}.hada_w2_a": torch.randn(10, 2, generator=gen), f"{stem}.hada_w2_b": torch.randn(2, 10, generator=gen),
+                        f"{stem}.alpha": torch.tensor(alpha)})
+    source = write_safetensors(tensors, metadata={"ss_base_model_version": "flux_kontext"})
+    result = convert_file(source, tmp_path / "out.safetensors", "comfyui")
+    assert result.counts["kept as slices"] == 3
+    assert any(note.startswith("loha parts of fused weights") for note in result.notes)
+    assert not any("LoKr" in note or "lokr" in note for note in result.notes)

@@ -427,3 +427,16 @@ def test_progress_reaches_the_total_and_a_raising_callback_writes_nothing(tmp_pa
     with pytest.raises(Cancelled):
         run_merge(tmp_path, base_tensors, [(MUSUBI / entry["file"], 1.0)], name="cancelled.safetensors", on_progress=cancel)
     assert sorted(os.listdir(tmp_path)) == ["base.safetensors", "out.safetensors"]  # no output, no temporary
+
+
+@pytest.mark.parametrize("earlier, kept", [
+    ("not json {", {"unreadable": "not json {"}), ("[1, 2", {"unreadable": "[1, 2"}), ('{"a dict": 1}', {"a dict": 1}),
+])
+def test_an_unreadable_merge_record_in_the_base_is_kept_not_fatal(earlier, kept, tmp_path):
+    entry = next(e for e in ENTRIES if e["file"] == "wan_lokr_r3_a2.safetensors")
+    base_tensors = original_base(expected_weights(entry))
+    _, out, _ = run_merge(tmp_path, base_tensors, [(MUSUBI / entry["file"], 1.0)], metadata={MERGE_METADATA_KEY: earlier})
+    with safe_open(str(out), "pt") as f:
+        records = json.loads(f.metadata()[MERGE_METADATA_KEY])
+    assert records[0] == kept
+    assert records[1]["adapter"] == "wan_lokr_r3_a2.safetensors" and len(records) == 2
