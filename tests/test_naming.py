@@ -14,8 +14,6 @@ import string
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from comfyui_lycoris.convert import convert_file
 from comfyui_lycoris.lycoris_core import AdapterError, read_adapter
 from comfyui_lycoris.lycoris_core.architectures import ARCHITECTURES, COMFYUI, DIFFUSERS, MUSUBI, Part
@@ -23,6 +21,7 @@ from comfyui_lycoris.lycoris_core.merge import merge
 from comfyui_lycoris.lycoris_core.naming import fill, flatten, naming_for, stem_paths
 from comfyui_lycoris.lycoris_core.plan import make_plan
 from helpers import COMFY_MODELS, comfy_names
+from safetensors.torch import load_file, save_file
 
 COMFY_ARCHS = sorted(p.stem for p in COMFY_MODELS.glob("*.json") if "." not in p.stem)
 FAMILIES = {MUSUBI: lambda path: "lora_unet_" + flatten(path), DIFFUSERS: lambda path: "transformer." + path,
