@@ -196,9 +196,20 @@ def merge(
     ])
 
     result = MergeResult(output, plans, strengths)
+    try:
+        _write(reader, output, metadata, targets, bias_targets, overwrite, result, _progress_bar(
+            sum(e.nbytes for e in entries.values()), progress), on_progress)
+    finally:
+        reader.close()
+    return result
+
+
+def _write(reader, output, metadata, targets: Planned, bias_targets: Planned, overwrite, result: MergeResult,
+           bar, on_progress) -> None:
+    """Stream BASE into OUT tensor by tensor, merging the planned ones."""
+    entries = reader.header.tensors
     layout = list(entries.values())
     total, done = sum(e.nbytes for e in layout), 0
-    bar = _progress_bar(total, progress)
     try:
         with SafetensorsWriter(output, layout, metadata, overwrite) as writer:
             for entry in layout:
@@ -223,8 +234,6 @@ def merge(
                     on_progress(done, total)
     finally:
         bar.close()
-        reader.close()
-    return result
 
 
 def _merge_bias(bias: torch.Tensor, patches: list[tuple[Patch, float]]) -> torch.Tensor:

@@ -93,6 +93,19 @@ def _itemsize(dtype: torch.dtype) -> int:
 def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     """Parse and validate a safetensors header; raises AdapterError naming the file."""
     path = os.fspath(path)
+    raw, file_size = _raw_header(path)
+    header = _header_json(path, raw)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise AdapterError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
+    entries, spans = _entries(path, header)
+    _check_spans(path, spans, data_size=file_size - 8 - len(raw))
+    ordered = {name: entries[name] for _, _, name in sorted(spans)}
+    return SafetensorsHeader(path, dict(metadata), ordered, file_size)
+
+
+def _raw_header(path: str) -> tuple[bytes, int]:
+    """The header's bytes (its length checked against the limit and the file) and the file's size."""
     try:
         file_size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -110,23 +123,23 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
                     f"{path}: truncated or not a safetensors file (header says {header_len} bytes, "
                     f"file has {file_size - 8} after the length field)"
                 )
-            raw = f.read(header_len)
+            return f.read(header_len), file_size
     except OSError as e:
         raise AdapterError(f"{path}: cannot read file ({e.strerror or e})") from None
+
+
+def _header_json(path: str, raw: bytes) -> dict:
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AdapterError(f"{path}: corrupt safetensors header (not valid JSON: {e})") from None
     if not isinstance(header, dict):
         raise AdapterError(f"{path}: corrupt safetensors header (not a JSON object)")
+    return header
 
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
-        raise AdapterError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
 
-    data_size = file_size - 8 - header_len
+def _entries(path: str, header: dict) -> tuple[dict[str, TensorEntry], list[tuple[int, int, str]]]:
+    """Every tensor's entry, its dtype, shape and byte span checked against each other."""
     spans = []
     entries = {}
     for name, info in header.items():
@@ -152,10 +165,13 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
             )
         spans.append((offsets[0], offsets[1], name))
         entries[name] = entry
+    return entries, spans
 
-    spans.sort()
+
+def _check_spans(path: str, spans: list[tuple[int, int, str]], data_size: int) -> None:
+    """The tensors' byte spans tile the data section exactly: no gap, no overlap, nothing left over."""
     position = 0
-    for begin, end, name in spans:
+    for begin, end, name in sorted(spans):
         if begin != position:
             raise AdapterError(
                 f"{path}: inconsistent offsets in safetensors header (tensor {name!r} starts at {begin}, "
@@ -170,8 +186,6 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         raise AdapterError(
             f"{path}: inconsistent safetensors file ({data_size - position} bytes after the last tensor)"
         )
-    ordered = {name: entries[name] for _, _, name in spans}
-    return SafetensorsHeader(path, dict(metadata), ordered, file_size)
 
 
 class SafetensorsReader:

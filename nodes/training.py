@@ -255,6 +255,13 @@ class LycorisTrain(io.ComfyNode):
             exclude=split_patterns(exclude), optimizer=optimizer, learning_rate=learning_rate,
             warmup_steps=warmup_steps, max_steps=steps, gradient_checkpointing=gradient_checkpointing, seed=seed,
         ).validate()
+        trained = cls._train(model, latents, positive, config, batch_size)
+        image = loss_image(trained.losses)
+        return io.NodeOutput(trained, image, ui=ui.PreviewImage(image, cls=cls))
+
+    @classmethod
+    def _train(cls, model, latents, positive, config: TrainingConfig, batch_size: int) -> TrainedAdapter:
+        """Run the core's training with ComfyUI's progress bar and Cancel; the node shows the summary."""
         bar = comfy.utils.ProgressBar(config.max_steps)
 
         def progress(p) -> None:
@@ -274,8 +281,7 @@ class LycorisTrain(io.ComfyNode):
                    f"{describe_architecture(config.architecture)}: {trained.adapters.summary()}; "
                    f"loss {statistics.fmean(losses[:10]):.4g} (first 10 steps) -> {statistics.fmean(losses[-10:]):.4g} (last 10)")
         show_text(cls, summary)
-        image = loss_image(trained.losses)
-        return io.NodeOutput(trained, image, ui=ui.PreviewImage(image, cls=cls))
+        return trained
 
 
 # ---------------------------------------------------------------------------------------------

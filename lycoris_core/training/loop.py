@@ -130,13 +130,7 @@ def train(
     steps and when stopped early; `resume_from` continues from one (same structural options).
     Seeds the global torch RNG (or restores it from the checkpoint).
     """
-    config = (config or adapters.config).validate()
-    for option in ADAPTER_OPTIONS:  # the adapters were built with these
-        if getattr(config, option) != getattr(adapters.config, option):
-            raise AdapterError(
-                f"training option {option}={getattr(config, option)!r} differs from the adapters' "
-                f"({getattr(adapters.config, option)!r}); inject the adapters with this config"
-            )
+    config = _checked_config(config or adapters.config, adapters)
     params = [p for p in adapters.parameters() if p.requires_grad]
     if not params:
         raise AdapterError("nothing to train: the adapter set has no trainable parameters")
@@ -149,7 +143,6 @@ def train(
     else:
         torch.manual_seed(config.seed)  # also seeds every CUDA device
     result = TrainResult(step, losses, resumed_from=os.fspath(resume_from) if resume_from else None)
-    accumulation = config.gradient_accumulation_steps
     adapters.train()
     start = time.perf_counter()
     try:
@@ -158,22 +151,8 @@ def train(
                 result.cancelled = True
                 break
             lr = learning_rate_at(config, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            total = 0.0
-            for _ in range(accumulation):
-                loss = loss_fn(batches.next())
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise AdapterError(f"training diverged: the loss is {value} at step {step + 1} (lower the learning rate)")
-                (loss / accumulation).backward()
-                total += value
-            if config.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            losses.append(_optimizer_step(optimizer, params, loss_fn, batches, config, lr, step))
             step += 1
-            losses.append(total / accumulation)
             result.steps = step
             if progress is not None:
                 progress(TrainProgress(step, config.max_steps, losses[-1], lr, time.perf_counter() - start))
@@ -185,6 +164,37 @@ def train(
         adapters.eval()
         result.elapsed = time.perf_counter() - start
     return result
+
+
+def _checked_config(config: TrainingConfig, adapters: AdapterSet) -> TrainingConfig:
+    config = config.validate()
+    for option in ADAPTER_OPTIONS:  # the adapters were built with these
+        if getattr(config, option) != getattr(adapters.config, option):
+            raise AdapterError(
+                f"training option {option}={getattr(config, option)!r} differs from the adapters' "
+                f"({getattr(adapters.config, option)!r}); inject the adapters with this config"
+            )
+    return config
+
+
+def _optimizer_step(optimizer, params, loss_fn, batches, config: TrainingConfig, lr: float, step: int) -> float:
+    """One optimizer step over `gradient_accumulation_steps` batches at learning rate `lr`; its mean loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    accumulation = config.gradient_accumulation_steps
+    total = 0.0
+    for _ in range(accumulation):
+        loss = loss_fn(batches.next())
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise AdapterError(f"training diverged: the loss is {value} at step {step + 1} (lower the learning rate)")
+        (loss / accumulation).backward()
+        total += value
+    if config.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / accumulation
 
 
 # ---------------------------------------------------------------------------------------------
