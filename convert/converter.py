@@ -28,11 +28,12 @@ from ..lycoris_core.adapter_file import AdapterFile, read_adapter
 from ..lycoris_core.architectures import ARCHITECTURES, SUPPORTED, describe_architecture, get_architecture
 from ..lycoris_core.errors import AdapterError
 from ..lycoris_core.finite import count_nonfinite, describe_nonfinite
-from ..lycoris_core.module import ModuleAdapter
+from ..lycoris_core.module import ALPHA, ModuleAdapter
 from ..lycoris_core.naming import COMFY_PREFIX, MUSUBI_PREFIX, AmbiguousName, Naming, Partition, flatten, naming_for
 from ..lycoris_core.rows import Rows
 from ..lycoris_core.safetensors_io import SafetensorsWriter, TensorEntry, append_records, check_output_path
-from .regroup import Inexact, ModuleSpec, Source, TensorSpec, fuse, reorder, split
+from ..lycoris_core.scales import lycoris_scale
+from .regroup import Inexact, ModuleSpec, Source, TensorSpec, alpha_spec, fuse, reorder, split
 
 TARGETS = ("musubi", "diffusers", "comfyui")
 CONVERTED_FROM_KEY = "comfyui_lycoris.converted_from"
@@ -423,10 +424,34 @@ class _Builder:
     # -- one output module
 
     def _emit(self, stem: str, spec: ModuleSpec, sources: list[ModuleAdapter], how: str) -> None:
+        spec = self._with_scale(spec, sources[0])
         if spec.algorithm == "lora":
             spec = self._lora_alpha(spec)
         self.modules.append(OutputModule(stem, spec, tuple(m.stem for m in sources), how))
         self.counts[how] += 1
+
+    def _with_scale(self, spec: ModuleSpec, source: ModuleAdapter) -> ModuleSpec:
+        """`spec` giving its source's scale under LyCORIS's rule, which every output layout follows:
+        as it is when it already does; else with alpha = scale × rank (a scale from a PEFT config), or,
+        where the rule has no rank to divide by (LoKr with both factors full), the scale folded into
+        the factor that holds ΔW's rows."""
+        shapes = {name: tensor.shape for name, tensor in spec.params.items()}
+        alpha = spec.params[ALPHA].value if ALPHA in spec.params else None
+        if lycoris_scale(source.math, shapes, alpha) == source.scale:
+            return spec
+        params = dict(spec.params)
+        order = min(t.order for t in params.values())
+        rank = source.math.rank(shapes)
+        if rank is not None:
+            params[ALPHA] = alpha_spec(source.scale * rank, params[ALPHA].dtype if ALPHA in params else torch.float32, order)
+        else:
+            params.pop(ALPHA, None)
+            name = next(iter(source.math.layout.row_tensors(shapes)))
+            factor = params[name]
+            params[name] = TensorSpec(factor.dtype, factor.shape,
+                                      lambda f=factor: (f.make().double() * source.scale).to(f.dtype), factor.order)
+        self.counts["scales written as LyCORIS alphas"] += 1
+        return ModuleSpec(spec.algorithm, params)
 
     def _lora_alpha(self, spec: ModuleSpec) -> ModuleSpec:
         """Diffusers: fold alpha into lora_A/lora_B as Musubi does. Musubi: no alpha means scale 1 -> alpha = rank."""
@@ -441,7 +466,7 @@ class _Builder:
             self.counts["LoRA alphas folded"] += 1
         elif self.target == "musubi" and "alpha" not in params:
             order = min(p.order for p in params.values())
-            params["alpha"] = TensorSpec(torch.float32, (), lambda: torch.tensor(float(rank)), order)
+            params["alpha"] = alpha_spec(float(rank), torch.float32, order)
             self.counts["LoRA alphas set to rank"] += 1
         return ModuleSpec(spec.algorithm, params)
 

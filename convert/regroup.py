@@ -46,6 +46,7 @@ class TensorSpec:
     shape: tuple
     make: Callable[[], torch.Tensor]
     order: int  # position in the input file of the first tensor it reads (output follows input order)
+    value: float | None = None  # an alpha's number, known without reading it again
 
 
 @dataclass
@@ -67,7 +68,8 @@ class Source:
 
     def spec(self, module: ModuleAdapter, name: str) -> TensorSpec:
         entry = module.params[name]
-        return TensorSpec(entry.dtype, tuple(entry.shape), lambda: self.load(entry.name), self.position[entry.name])
+        value = module.alpha if name == ALPHA else None
+        return TensorSpec(entry.dtype, tuple(entry.shape), lambda: self.load(entry.name), self.position[entry.name], value)
 
     def module(self, module: ModuleAdapter) -> ModuleSpec:
         return ModuleSpec(module.algorithm, self.specs(module))
@@ -101,7 +103,7 @@ def _row_tensors(module: ModuleAdapter) -> dict[str, int]:
     return rows
 
 
-def _alpha_spec(value: float, dtype: torch.dtype, order: int) -> TensorSpec:
+def alpha_spec(value: float, dtype: torch.dtype, order: int) -> TensorSpec:
     """A new alpha in the old alpha's dtype when that holds it exactly (an int64 or bf16 alpha may not)."""
     for candidate in (dtype, torch.float32, torch.float64):
         if candidate.is_floating_point and torch.tensor(value, dtype=candidate).item() == value:
@@ -109,7 +111,7 @@ def _alpha_spec(value: float, dtype: torch.dtype, order: int) -> TensorSpec:
             break
     else:
         dtype = torch.float64
-    return TensorSpec(dtype, (), lambda: torch.tensor(value, dtype=dtype), order)
+    return TensorSpec(dtype, (), lambda: torch.tensor(value, dtype=dtype), order, value)
 
 
 def _common_dtype(specs: list[TensorSpec]) -> torch.dtype:
@@ -190,10 +192,11 @@ def fuse(parts: list[ModuleAdapter | None], sizes: list[int], source: Source) ->
     if rank is None:  # no rank to put a scale on (full differences)
         if scale != 1.0:
             raise Inexact(f"full-weight differences with scale {scale:g} cannot be fused")
-    elif alphas or scale != 1.0:
+    elif alphas:
         # scale × fused rank, from one part's own numbers: for equal ranks this is (parts × alpha).
+        # (Parts whose scale comes from elsewhere, a PEFT config, get theirs from the converter.)
         one = alphas[0]
-        params[ALPHA] = _alpha_spec(one.alpha * (rank / one.rank), one.params[ALPHA].dtype, order)
+        params[ALPHA] = alpha_spec(one.alpha * (rank / one.rank), one.params[ALPHA].dtype, order)
     return ModuleSpec(first.algorithm, params)
 
 
@@ -226,7 +229,7 @@ def split(module: ModuleAdapter, rows: list[Rows], source: Source) -> list[Modul
             # the part keeps its share of the rank: alpha shrinks with it so alpha/rank stays
             alpha = source.spec(module, ALPHA)
             share = blocks[layout.rank_pairs[0][0]][i].size / module.rank
-            params[ALPHA] = _alpha_spec(module.alpha * share, alpha.dtype, alpha.order)
+            params[ALPHA] = alpha_spec(module.alpha * share, alpha.dtype, alpha.order)
         out.append(ModuleSpec(module.algorithm, params))
     return out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import folder_paths
@@ -9,6 +10,10 @@ from comfy_api.latest import io
 
 CATEGORY = "loaders/lycoris"
 ADAPTER_FOLDER = "loras"  # adapters live with LoRAs, where users already put them
+
+# Inputs the frontend folds away as "advanced": `advanced=` is a newer V3 keyword (ComfyUI 0.3.64's
+# inputs do not take it), so it is passed only where the running ComfyUI knows it.
+ADVANCED = {"advanced": True} if "advanced" in inspect.signature(io.Float.Input.__init__).parameters else {}
 
 
 def adapter_name_input() -> io.Combo.Input:

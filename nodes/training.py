@@ -35,7 +35,7 @@ from ..lycoris_core.training.config import ALGORITHMS, SAVE_DTYPES, UNSUPPORTED_
 from ..lycoris_core.training.data import training_data
 from ..lycoris_core.training.loop import batch_schedule
 from ..lycoris_core.training.plot import loss_chart_pixels
-from .common import show_text
+from .common import ADVANCED, show_text
 from .outputs import listed_name, numbered_output
 from .patches import apply_plan
 
@@ -214,15 +214,15 @@ class LycorisTrain(io.ComfyNode):
                 io.Combo.Input("architecture", options=ARCHITECTURES, default="auto",
                                tooltip="The model family: picks the blocks and layers Musubi trains, its default "
                                "excludes and the names in the file. 'auto' reads it from the model."),
-                io.Float.Input("rank_dropout", default=0.0, min=0.0, max=0.99, step=0.01, advanced=True,
+                io.Float.Input("rank_dropout", default=0.0, min=0.0, max=0.99, step=0.01, **ADVANCED,
                                tooltip="Probability of dropping each output row of the change per step (Musubi "
                                "rank_dropout)."),
-                io.Float.Input("module_dropout", default=0.0, min=0.0, max=0.99, step=0.01, advanced=True,
+                io.Float.Input("module_dropout", default=0.0, min=0.0, max=0.99, step=0.01, **ADVANCED,
                                tooltip="Probability of skipping a whole adapted layer per step (Musubi module_dropout)."),
-                io.String.Input("include", default="", multiline=True, advanced=True,
+                io.String.Input("include", default="", multiline=True, **ADVANCED,
                                 tooltip="Regexes (one per line or comma-separated) fullmatched on Musubi module paths, "
                                 "e.g. blocks\\.0\\..*: re-admit layers an exclude removed (they never narrow the set)."),
-                io.String.Input("exclude", default="", multiline=True, advanced=True,
+                io.String.Input("exclude", default="", multiline=True, **ADVANCED,
                                 tooltip="Regexes (one per line or comma-separated) fullmatched on Musubi module paths, "
                                 "added to the architecture's default excludes, e.g. .*cross_attn.*"),
             ],

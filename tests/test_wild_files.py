@@ -199,3 +199,29 @@ def test_alphas_in_the_file_win_over_a_config(tmp_path):
     shutil.copy(source, path)
     (tmp_path / "adapter.adapter_config.json").write_text(json.dumps({"peft_type": "LOKR", "r": 4, "alpha": 1}))
     assert [m.scale for m in read_adapter(path).modules.values()] == [m.scale for m in read_adapter(source).modules.values()]
+
+
+PEFT_LOKR = next(e for e in ENTRIES if e["file"] == "peft_qwen_image_lokr_r4.safetensors")  # both factors full
+
+
+@pytest.mark.parametrize("target", ["musubi", "diffusers", "comfyui"])
+@pytest.mark.parametrize("entry", [PEFT_LOHA, PEFT_LOKR], ids=["loha", "lokr-full-matrix"])
+def test_conversions_keep_a_peft_config_scale(entry, target, tmp_path):
+    """No layout but PEFT's reads a config: the scale is written as alpha = scale × rank, or, for LoKr
+    with both factors full (scale 1 whatever alpha says), folded into w1."""
+    path = tmp_path / "adapter.safetensors"
+    shutil.copy(WILD / entry["file"], path)
+    peft_type = "LOHA" if entry is PEFT_LOHA else "LOKR"
+    (tmp_path / "adapter.adapter_config.json").write_text(json.dumps({"peft_type": peft_type, "r": 4, "alpha": 6}))
+    out = tmp_path / f"converted.{target}.safetensors"
+    convert_file(path, out, target)
+    converted = read_adapter(out)
+    assert not converted.scale_rule.startswith("PEFT")
+    merged_path = tmp_path / "merged.safetensors"
+    merge(base_path(entry), merged_path, [(out, 1.0)], progress=False)
+    merged = load_file(str(merged_path))
+    expected = wild_expected(entry)
+    for key in wild_changed_keys(expected):
+        base = expected[f"base/{key}"]
+        want = base + 1.5 * (expected[f"merged/1.0/{key}"] - base)
+        assert change_err(merged[key], want, base) <= 1e-5, key
