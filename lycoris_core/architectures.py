@@ -72,7 +72,6 @@ class SwapHalves:
 
 
 SWAP_HALVES = SwapHalves()
-RowRule = "Part | SwapHalves | None"
 
 
 @dataclass(frozen=True)

@@ -177,12 +177,6 @@ class Naming:
                 return places[0]
         return None
 
-    def explains(self, stem: str) -> bool:
-        try:
-            return self.place_of_stem(stem) is not None
-        except AmbiguousName:
-            return True
-
     @property
     def title(self) -> str:
         return self.arch.title if self.arch else "the model"

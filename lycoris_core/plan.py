@@ -56,12 +56,6 @@ class LoadPlan:
         """Modules of the file that were planned (a module over several weights counts once)."""
         return len({patch.stem for patch in self.patches})
 
-    def by_key(self) -> dict[str, list[Patch]]:
-        grouped: dict[str, list[Patch]] = {}
-        for patch in self.patches:
-            grouped.setdefault(patch.target.key, []).append(patch)
-        return grouped
-
     def summary(self) -> str:
         algorithms: dict[str, int] = {}
         for patch in {p.stem: p for p in self.patches}.values():

@@ -50,10 +50,6 @@ for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("
 _NAME_OF_DTYPE = {dtype: name for name, dtype in _DTYPE_NAMES.items()}
 
 
-def dtype_from_name(name: str) -> torch.dtype:
-    return _DTYPE_NAMES[name]
-
-
 def dtype_name(dtype: torch.dtype) -> str:
     try:
         return _NAME_OF_DTYPE[dtype]

@@ -70,8 +70,6 @@ class Algorithm:
     # factor·ΔW applied to x (last dim = in features) without building ΔW where cheaper; Linear only.
     # The factor goes onto the smallest operand, never as an extra pass over the output.
     bypass_delta: Callable[[torch.Tensor, Tensors, float], torch.Tensor]
-    # The canonical names required for the module to be complete, as alternatives per slot.
-    required: tuple[tuple[str, ...], ...]
     layout: RowLayout
     # The stored forms, when the algorithm has several (LoKr: "full", "low_rank"), and which one a
     # module has (None for algorithms with one form).

@@ -44,6 +44,5 @@ ALGORITHM = Algorithm(
     delta_rows=delta_rows,
     apply_=apply_,
     bypass_delta=bypass_delta,
-    required=(("diff",),),
     layout=RowLayout(row_tensors=lambda shapes: {"diff": 1}),
 )

@@ -115,6 +115,5 @@ ALGORITHM = Algorithm(
     delta_rows=delta_rows,
     apply_=apply_,
     bypass_delta=bypass_delta,
-    required=(("hada_w1_a",), ("hada_w1_b",), ("hada_w2_a",), ("hada_w2_b",)),
     layout=RowLayout(row_tensors=_row_tensors, rank_pairs=(("hada_w1_a", "hada_w1_b"), ("hada_w2_a", "hada_w2_b"))),
 )

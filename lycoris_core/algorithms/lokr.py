@@ -208,7 +208,6 @@ ALGORITHM = Algorithm(
     delta_rows=delta_rows,
     apply_=apply_,
     bypass_delta=bypass_delta,
-    required=(("lokr_w1", "lokr_w1_a"), ("lokr_w2", "lokr_w2_a")),
     layout=RowLayout(row_tensors=_row_tensors, cannot_stack="LoKr (a Kronecker product) cannot be stacked exactly"),
     variants=("full", "low_rank"),
     variant=variant,

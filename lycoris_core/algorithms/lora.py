@@ -84,6 +84,5 @@ ALGORITHM = Algorithm(
     delta_rows=delta_rows,
     apply_=apply_,
     bypass_delta=bypass_delta,
-    required=(("up",), ("down",)),
     layout=RowLayout(row_tensors=_row_tensors, rank_pairs=(("up", "down"),)),
 )

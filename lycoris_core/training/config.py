@@ -88,11 +88,6 @@ class TrainingConfig:
     # ------------------------------------------------------------------------------------------
 
     @property
-    def effective_alpha(self) -> float:
-        """alpha as Musubi uses it: 0 (or None) means alpha = rank."""
-        return float(self.rank) if not self.alpha else float(self.alpha)
-
-    @property
     def network_module(self) -> str:
         return f"networks.{self.algorithm}"
 
