@@ -95,6 +95,11 @@ def diffusers(template: str, weight: str, rows: Part | SwapHalves | None = None)
     return Name(DIFFUSERS, template, weight, rows)
 
 
+def also_diffusers(*names: Name) -> tuple[Name, ...]:
+    """Musubi names that are Diffusers' too (Musubi trains Diffusers' own model class)."""
+    return (*names, *(Name(DIFFUSERS, n.template, n.weight, n.rows) for n in names))
+
+
 THIRDS = ("third", "third", "third")
 LINEAR1 = ("in", "in", "in", "rest")  # FLUX / HunyuanVideo single-block linear1: q, k, v, then the MLP input
 
@@ -437,14 +442,14 @@ QWEN_IMAGE = Architecture(
     default_excludes=(r".*(_mod_).*",),
     names=(
         # ComfyUI, Musubi and Diffusers name every layer alike.
-        *same(
+        *also_diffusers(*same(
             *[f"transformer_blocks.{{n}}.attn.{p}" for p in _QWEN_ATTENTION],
             "transformer_blocks.{n}.img_mod.1", "transformer_blocks.{n}.txt_mod.1",
             "transformer_blocks.{n}.img_mlp.net.0.proj", "transformer_blocks.{n}.img_mlp.net.2",
             "transformer_blocks.{n}.txt_mlp.net.0.proj", "transformer_blocks.{n}.txt_mlp.net.2",
             "img_in", "txt_in", "time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2",
             "norm_out.linear", "proj_out",
-        ),
+        )),
         *[diffusers(n, n) for n in (
             "transformer_blocks.{n}.attn.norm_q", "transformer_blocks.{n}.attn.norm_k",
             "transformer_blocks.{n}.attn.norm_added_q", "transformer_blocks.{n}.attn.norm_added_k",
@@ -462,10 +467,11 @@ _ZI_BLOCKS = ("layers", "noise_refiner", "context_refiner")
 def _z_image_block(b: str) -> tuple[Name, ...]:
     block = f"{b}.{{n}}"
     return (
-        # Musubi's names are Diffusers' (the same model class).
-        *[musubi(f"{block}.attention.to_{p}", f"{block}.attention.qkv", qkv(i)) for i, p in enumerate("qkv")],
-        musubi(f"{block}.attention.to_out.0", f"{block}.attention.out"),
-        *same(*[f"{block}.feed_forward.w{i}" for i in (1, 2, 3)], f"{block}.adaLN_modulation.0"),
+        *also_diffusers(
+            *[musubi(f"{block}.attention.to_{p}", f"{block}.attention.qkv", qkv(i)) for i, p in enumerate("qkv")],
+            musubi(f"{block}.attention.to_out.0", f"{block}.attention.out"),
+            *same(*[f"{block}.feed_forward.w{i}" for i in (1, 2, 3)], f"{block}.adaLN_modulation.0"),
+        ),
         diffusers(f"{block}.attention.norm_q", f"{block}.attention.q_norm"),
         diffusers(f"{block}.attention.norm_k", f"{block}.attention.k_norm"),
         *[diffusers(f"{block}.{n}", f"{block}.{n}") for n in ("attention_norm1", "attention_norm2", "ffn_norm1", "ffn_norm2")],
@@ -480,10 +486,12 @@ Z_IMAGE = Architecture(
     default_excludes=(r".*(_modulation|_refiner).*",),
     names=(
         *[name for b in _ZI_BLOCKS for name in _z_image_block(b)],
-        musubi("all_x_embedder.2-1", "x_embedder"),
-        musubi("all_final_layer.2-1.linear", "final_layer.linear"),
-        musubi("all_final_layer.2-1.adaLN_modulation.1", "final_layer.adaLN_modulation.1"),
-        *same("cap_embedder.1", "t_embedder.mlp.0", "t_embedder.mlp.2"),
+        *also_diffusers(
+            musubi("all_x_embedder.2-1", "x_embedder"),
+            musubi("all_final_layer.2-1.linear", "final_layer.linear"),
+            musubi("all_final_layer.2-1.adaLN_modulation.1", "final_layer.adaLN_modulation.1"),
+            *same("cap_embedder.1", "t_embedder.mlp.0", "t_embedder.mlp.2"),
+        ),
         diffusers("cap_embedder.0", "cap_embedder.0"),
     ),
     model_signature=((r"^layers\.\d+\.attention\.(qkv|to_q)$", r"^layers\.\d+\.feed_forward\.w1$", r"^(noise|context)_refiner\.\d+\."),),

@@ -120,8 +120,7 @@ def load_report(
     adapter = plan.adapter
     delegated = dict(delegated or {})
     applied = list({p.stem: p.module for p in plan.patches}.values())
-    fused = sum(p.target.rows is not None for p in plan.patches)
-    split = len({p.stem for p in plan.patches if p.target.source_rows is not None})
+    sliced, split, reordered = plan.landings()
     targets = Counter(p.target for p in plan.patches)
     unmatched = {s: why for s, why in plan.unmatched.items() if s not in delegated}
     lines = [
@@ -136,10 +135,12 @@ def load_report(
     ]
     if mode == "bypass":
         lines.append("weights       untouched: a model saved from here (e.g. by ModelSave) lacks this adapter; patch mode bakes it")
-    if fused:
-        lines.append(f"fused         {fused} of them into row slices of fused weights (split q/k/v)")
+    if sliced:
+        lines.append(f"fused         {sliced} of them into row slices of fused weights (split q/k/v)")
     if split:
         lines.append(f"split         {split} fused modules (q/k/v) over the model's separate weights")
+    if reordered:
+        lines.append(f"reordered     {reordered} with their rows in ComfyUI's order (Diffusers' scale/shift halves swapped)")
     doubled = sum(1 for n in targets.values() if n > 1)
     if doubled:
         lines.append(f"warning       {doubled} weights receive more than one module of this file")

@@ -56,21 +56,33 @@ class LoadPlan:
         """Modules of the file that were planned (a module over several weights counts once)."""
         return len({patch.stem for patch in self.patches})
 
+    def landings(self) -> tuple[int, int, int]:
+        """(modules on row slices of a fused weight, fused modules split over separate weights, modules
+        whose rows land in another order), for reports."""
+        keys: dict[str, set[str]] = {}
+        for patch in self.patches:
+            keys.setdefault(patch.stem, set()).add(patch.target.key)
+        sliced = sum(p.target.rows is not None and p.target.source_rows is None for p in self.patches)
+        split = sum(len(k) > 1 for k in keys.values())
+        reordered = len({p.stem for p in self.patches if p.target.source_rows is not None and len(keys[p.stem]) == 1})
+        return sliced, split, reordered
+
     def summary(self) -> str:
         algorithms: dict[str, int] = {}
         for patch in {p.stem: p for p in self.patches}.values():
             algorithms[patch.module.algorithm] = algorithms.get(patch.module.algorithm, 0) + 1
         counts = ", ".join(f"{n} {a}" for a, n in sorted(algorithms.items()))
-        fused = sum(p.target.rows is not None and p.target.source_rows is None for p in self.patches)
-        split = len({p.stem for p in self.patches if p.target.source_rows is not None})
+        sliced, split, reordered = self.landings()
         text = (
             f"{self.modules_applied}/{len(self.adapter.modules)} modules matched ({counts}) on "
             f"{describe_architecture(self.architecture)}"
         )
-        if fused:
-            text += f", {fused} into slices of fused weights"
+        if sliced:
+            text += f", {sliced} into slices of fused weights"
         if split:
             text += f", {split} fused modules split over separate weights"
+        if reordered:
+            text += f", {reordered} with their rows reordered"
         if self.unmatched:
             text += f"; {len(self.unmatched)} unmatched"
         return text
