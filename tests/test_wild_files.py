@@ -16,6 +16,7 @@ from comfyui_lycoris.convert import convert_file
 from comfyui_lycoris.lycoris_core import AdapterError, read_adapter
 from comfyui_lycoris.lycoris_core.detection import detect_adapter_architecture
 from comfyui_lycoris.lycoris_core.merge import merge
+from comfyui_lycoris.lycoris_core.naming import naming_for
 from comfyui_lycoris.lycoris_core.plan import make_plan
 from helpers import WILD, change_err, wild_changed_keys, wild_entries, wild_expected
 from safetensors.torch import load_file, save_file
@@ -225,3 +226,51 @@ def test_conversions_keep_a_peft_config_scale(entry, target, tmp_path):
         base = expected[f"base/{key}"]
         want = base + 1.5 * (expected[f"merged/1.0/{key}"] - base)
         assert change_err(merged[key], want, base) <= 1e-5, key
+
+
+def original_named(base: dict[str, torch.Tensor], arch_id: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """ComfyUI's base state dict in the original checkpoint's (Musubi's) naming: renamed weights,
+    fused q/k/v cut into Musubi's separate layers. Returns (tensors, {new key: (ComfyUI key, rows)})."""
+    naming = naming_for(arch_id)
+    out, where = {}, {}
+    for key, tensor in base.items():
+        path, _, param = key.rpartition(".")
+        if param not in ("weight", "bias"):  # bare parameters (pad tokens, modulation tables) keep their names
+            out[key], where[key] = tensor, (key, slice(None))
+            continue
+        names = naming.musubi_names(path)
+        if isinstance(names, str):
+            out[f"{names}.{param}"] = tensor
+            where[f"{names}.{param}"] = (key, slice(None))
+            continue
+        for name, rows in zip(names.names, names.rows(base[f"{path}.weight"].shape)):
+            out[f"{name}.{param}"] = tensor[rows.start : rows.stop].clone()
+            where[f"{name}.{param}"] = (key, slice(rows.start, rows.stop))
+    return out, where
+
+
+ORIGINAL_NAMING = [e for e in ENTRIES if e["architecture"] in ("hunyuan_video", "hunyuan_video_1_5", "z_image")]
+
+
+@pytest.mark.parametrize("entry", ORIGINAL_NAMING, ids=lambda e: e["file"])
+def test_merge_onto_a_base_in_the_original_naming(entry, tmp_path):
+    """The same files onto the original checkpoint's naming (renamed layers, q/k/v stored apart):
+    every changed weight is the expected one, wherever the base keeps its rows."""
+    comfy = load_file(str(base_path(entry)))
+    tensors, where = original_named(comfy, entry["architecture"])
+    base = tmp_path / "original.safetensors"
+    save_file(tensors, str(base))
+    out = tmp_path / "merged.safetensors"
+    result = merge(base, out, [(WILD / entry["file"], 1.0)], progress=False)
+    merged = load_file(str(out))
+    expected = wild_expected(entry)
+    changed = set(wild_changed_keys(expected))
+    unmatched = result.plans[0].unmatched
+    # ComfyUI's trainer adapts norms too, which have no original-naming names in the records: listed, not dropped
+    assert all(entry["source"] == "comfyui" and ("norm" in stem or "modulation" in stem) for stem in unmatched), unmatched
+    for key, (comfy_key, rows) in where.items():
+        if comfy_key in changed and not any(stem.endswith(comfy_key.rsplit(".", 1)[0]) for stem in unmatched):
+            want, was = expected[f"merged/1.0/{comfy_key}"][rows], expected[f"base/{comfy_key}"][rows]
+            assert change_err(merged[key], want, was) <= 1e-5, key
+        elif comfy_key not in changed:
+            assert torch.equal(merged[key], tensors[key]), key
