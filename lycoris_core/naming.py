@@ -65,13 +65,18 @@ def fill(template: str, groups: dict[str, str]) -> str:
     return template.format(**{k: v for k, v in groups.items() if "{" + k + "}" in template})
 
 
+# The parameter names of a module's weight: `.weight`, or `.scale` for the RMSNorms of the original
+# FLUX / HunyuanVideo checkpoints (and of ComfyUI releases before it renamed them on load).
+WEIGHT_PARAMS = (".weight", ".scale")
+
+
 def module_path(key: str) -> str:
     """A model weight key without its container prefix and parameter suffix."""
     for prefix in MODEL_PREFIXES:
         if key.startswith(prefix):
             key = key[len(prefix) :]
             break
-    return key.rsplit(".", 1)[0] if key.endswith((".weight", ".bias")) else key
+    return key.rsplit(".", 1)[0] if key.endswith((*WEIGHT_PARAMS, ".bias")) else key
 
 
 def is_text_encoder_stem(stem: str) -> bool:

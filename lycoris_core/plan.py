@@ -107,8 +107,8 @@ class ModelWeights:
     def __init__(self, weight_shapes: Mapping[str, tuple], naming: Naming):
         self.shapes = {k: tuple(s) for k, s in weight_shapes.items()}
         self._held: dict[str, list[tuple[str, Place]]] = {}
-        for key in self.shapes:
-            if key.endswith(".weight"):
+        for key, shape in self.shapes.items():
+            if key.endswith(".weight") or (key.endswith(".scale") and len(shape) == 1):
                 path = module_path(key)
                 try:
                     place = naming.place(path)
@@ -257,7 +257,7 @@ def make_plan(adapter: AdapterFile, weight_shapes: Mapping[str, tuple], architec
         for target in targets:
             bias_key = None
             if module.has_bias_delta:
-                bias_key = target.key[: -len("weight")] + "bias"
+                bias_key = target.key.rsplit(".", 1)[0] + ".bias"
                 if bias_key not in model.shapes:
                     misfits.append(f"module {stem} carries a bias difference but the model has no {bias_key}")
                     break

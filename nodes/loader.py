@@ -6,11 +6,10 @@ import comfy.utils
 from comfy_api.latest import io, ui
 
 from ..lycoris_core.architectures import SUPPORTED
-from ..lycoris_core.loading import load_report, load_tensors, read_adapter_cached, weight_shapes
+from ..lycoris_core.loading import load_report, load_tensors, read_adapter_cached
 from ..lycoris_core.naming import is_text_encoder_stem
-from ..lycoris_core.plan import make_plan
 from .common import CATEGORY, adapter_fingerprint, adapter_name_input, adapter_path, lokr_full_matrix_alpha_input, show_text
-from .patches import apply_plan, delegate_text_encoder
+from .patches import apply_plan, delegate_text_encoder, plan_on_model
 
 ARCHITECTURES = ["auto", *(a.id for a in SUPPORTED)]
 MODES = ["patch", "bypass"]
@@ -38,7 +37,7 @@ def _shared_inputs() -> list:
 def _load(model, clip, lora_name, strength_model, strength_clip, architecture, mode, lokr_full_matrix_alpha):
     """(model, clip, report): plan against the model's weight names, then patch or hook. Raises on any problem."""
     adapter = read_adapter_cached(adapter_path(lora_name), lokr_full_matrix_alpha=lokr_full_matrix_alpha)
-    plan = make_plan(adapter, weight_shapes(model.model_state_dict()), architecture)
+    plan = plan_on_model(adapter, model, architecture)
     notes, delegated = [], {}
     if clip is not None and strength_clip != 0:
         clip, delegated = delegate_text_encoder(clip, plan, strength_clip)

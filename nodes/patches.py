@@ -17,9 +17,15 @@ from comfy.patcher_extension import PatcherInjection
 
 from ..lycoris_core.bypass import BypassSet
 from ..lycoris_core.errors import AdapterError
+from ..lycoris_core.loading import weight_shapes
 from ..lycoris_core.module import BoundModule
-from ..lycoris_core.plan import LoadPlan, Patch
+from ..lycoris_core.plan import LoadPlan, Patch, make_plan
 from ..lycoris_core.rows import Rows
+
+
+def plan_on_model(adapter, model, architecture: str) -> LoadPlan:
+    """The core's plan of `adapter` on the ModelPatcher `model` (its weights' names and shapes only)."""
+    return make_plan(adapter, weight_shapes(model.model_state_dict()), architecture)
 
 
 class LycorisWeightPatch(comfy.weight_adapter.WeightAdapterBase):
@@ -104,7 +110,7 @@ def add_bypass_hooks(model, plan: LoadPlan, tensors: dict, strength: float):
     others (convolutions, norms, embeddings: never quantized) get ordinary weight patches."""
     hooks, in_weights = BypassSet(), []
     for patch in plan.patches:
-        layer = patch.target.key[: -len(".weight")]
+        layer = patch.target.key.rsplit(".", 1)[0]  # `.weight`, or a norm's `.scale` (ComfyUI 0.3.64's FLUX)
         if isinstance(model.model.get_submodule(layer), torch.nn.Linear):
             hooks.add(layer, patch.module, tensors[patch.stem], strength, patch.target.rows, patch.target.source_rows)
         else:

@@ -10,6 +10,8 @@ TrainLoraNode does it: a deep copy of the model (the input model is never touche
 
 from __future__ import annotations
 
+import copy
+import inspect
 import os
 import statistics
 import tempfile
@@ -28,8 +30,7 @@ from ..convert.converter import DIFFUSERS_PREFIXES
 from ..lycoris_core.architectures import SUPPORTED, describe_architecture
 from ..lycoris_core.detection import detect_model_architecture
 from ..lycoris_core.errors import AdapterError
-from ..lycoris_core.loading import load_report, load_tensors, weight_shapes
-from ..lycoris_core.plan import make_plan
+from ..lycoris_core.loading import load_report, load_tensors
 from ..lycoris_core.training import AdapterSet, TrainingConfig, inject_adapters, save_musubi, train
 from ..lycoris_core.training.config import ALGORITHMS, SAVE_DTYPES, UNSUPPORTED_OPTIMIZERS, split_patterns
 from ..lycoris_core.training.data import training_data
@@ -37,7 +38,7 @@ from ..lycoris_core.training.loop import batch_schedule
 from ..lycoris_core.training.plot import loss_chart_pixels
 from .common import ADVANCED, show_text
 from .outputs import listed_name, numbered_output
-from .patches import apply_plan
+from .patches import apply_plan, plan_on_model
 
 CATEGORY = "training/lycoris"
 ADAPTER = io.Custom("LYCORIS_ADAPTER")
@@ -121,16 +122,41 @@ class _CoreLoopSampler(comfy.samplers.Sampler):
 def training_copy(model):
     """A deep copy of the ModelPatcher to train on (the input model is never touched), rebuilt the way
     ComfyUI's TrainLoraNode does it; also makes its weights ordinary (non-inference) tensors."""
+    if "force_deepcopy" not in inspect.signature(model.clone).parameters:
+        return _copied_model(model)
     if getattr(model, "cached_patcher_init", None) is None:
         raise AdapterError("this MODEL cannot be copied for training (its loader did not record how to rebuild it); "
                            "load it with ComfyUI's Load Diffusion Model / Load Checkpoint node")
     return model.clone(force_deepcopy=True)
 
 
+def _copied_model(model):
+    """The training copy where ComfyUI's ModelPatcher cannot rebuild its model (0.3.64: no clone(force_deepcopy),
+    no cached_patcher_init; its TrainLoraNode trains on the shared model): a clone holding a deep copy of the
+    torch model. Every model is unloaded first, so the copy takes the base weights, not weights some loaded
+    clone has patched in place; copied outside inference mode, they are ordinary tensors."""
+    comfy.model_management.unload_all_models()
+    copied = model.clone()
+    with torch.inference_mode(False):
+        copied.model = copy.deepcopy(model.model)
+    copied.backup, copied.object_patches_backup = {}, {}  # clone() shares these with the input model
+    return copied
+
+
+def _train_guider():
+    """ComfyUI's sampling setup for training: TrainGuider, or where ComfyUI has none (0.3.64) Guider_Basic, which
+    its own TrainLoraNode uses there after the same load_models_gpu(force_full_load=True) as run_training."""
+    try:
+        from comfy_extras.nodes_train import TrainGuider
+    except ImportError:
+        from comfy_extras.nodes_custom_sampler import Guider_Basic as TrainGuider
+    return TrainGuider
+
+
 def run_training(model, latents: torch.Tensor, captions: list, caption_of: list[int], config: TrainingConfig,
                  batch_size: int, progress=None, should_stop=None):
     """Train adapters on a copy of `model`; (TrainedAdapter, core TrainResult). The copy is dropped."""
-    from comfy_extras.nodes_train import TrainGuider  # ComfyUI's sampling setup for training
+    TrainGuider = _train_guider()  # noqa: N806 (a class)
 
     mp = training_copy(model)
     adapters = inject_adapters(mp.model.diffusion_model, config)
@@ -377,7 +403,7 @@ class LycorisApply(io.ComfyNode):
     @classmethod
     def execute(cls, model, adapter, strength=1.0, mode="patch") -> io.NodeOutput:
         snapshot = adapter.adapters.to_adapter_file(name=f"trained adapter ({adapter.steps} steps)")
-        plan = make_plan(snapshot, weight_shapes(model.model_state_dict()), adapter.config.architecture or "auto")
+        plan = plan_on_model(snapshot, model, adapter.config.architecture or "auto")
         notes = ["strength 0: the adapter was checked against the model, nothing was applied"]
         if strength != 0:
             model, notes = apply_plan(model, plan, load_tensors(plan), strength, mode)

@@ -7,6 +7,7 @@ ComfyUI is found through the COMFYUI_PATH environment variable, or as `../..` wh
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -32,3 +33,12 @@ def require_comfyui() -> Path:
     if root is None:
         pytest.skip(why, allow_module_level=True)
     return root
+
+
+def comfyui_version(root: Path) -> str:
+    """The release of the ComfyUI at `root`, from its comfyui_version.py ('unknown' where it has none)."""
+    try:
+        found = re.search(r"""__version__\s*=\s*["']([^"']+)""", (root / "comfyui_version.py").read_text())
+    except OSError:
+        found = None
+    return found[1] if found else "unknown"

@@ -274,3 +274,21 @@ def test_merge_onto_a_base_in_the_original_naming(entry, tmp_path):
             assert change_err(merged[key], want, was) <= 1e-5, key
         elif comfy_key not in changed:
             assert torch.equal(merged[key], tensors[key]), key
+
+
+def test_norm_diffs_land_on_rmsnorm_scales(tmp_path):
+    """The original FLUX checkpoints (and ComfyUI before 0.28) name their RMSNorm weights `.scale`:
+    a ComfyUI-trainer file's `.diff` on those norms lands there."""
+    entry = next(e for e in ENTRIES if e["file"] == "comfy_flux_loha.safetensors")
+    comfy = load_file(str(base_path(entry)))
+    renamed = {k[: -len("weight")] + "scale" if k.endswith("_norm.weight") else k: v for k, v in comfy.items()}
+    assert len(renamed.keys() - comfy.keys()) == 6
+    base = tmp_path / "bfl.safetensors"
+    save_file(renamed, str(base))
+    out = tmp_path / "merged.safetensors"
+    result = merge(base, out, [(WILD / entry["file"], 1.0)], progress=False)
+    assert not result.plans[0].unmatched
+    merged, expected = load_file(str(out)), wild_expected(entry)
+    for key in wild_changed_keys(expected):
+        ours = key[: -len("weight")] + "scale" if key.endswith("_norm.weight") else key
+        assert change_err(merged[ours], expected[f"merged/1.0/{key}"], expected[f"base/{key}"]) <= 1e-5, key

@@ -4,8 +4,9 @@ For each architecture: build a tiny Diffusers model (diffusers 0.42.1) and the s
 model (ComfyUI's own classes; configs from tests/fixtures/wild/manifest.json "models", with a few
 overrides so that every optional module exists), fill the Diffusers model with seeded random weights,
 turn its state dict into ComfyUI's names through the pack's naming ALONE (`place_of_stem` of each
-parameter's module: ComfyUI's weight and the rows of it), load that into the ComfyUI model strictly,
-and compare the two forward passes on the same inputs. A wrong name, wrong rows or a missing swap
+parameter's module: ComfyUI's weight and the rows of it; a weight is `.weight`, or `.scale` where the
+running ComfyUI keeps the RMSNorm name of the original checkpoints, as the core reads it), load that
+into the ComfyUI model strictly, and compare the two forward passes on the same inputs. A wrong name, wrong rows or a missing swap
 shows as a large error (see the teeth tests at the end); a correct map agrees to fp32 rounding.
 
 Only bare parameters that sit on no layer of their own (Wan's modulation tables, Z-Image's pad
@@ -30,7 +31,7 @@ diffusers = pytest.importorskip(
     "diffusers", reason="diffusers is not installed (pip install diffusers==0.42.1): the name maps are proven with it")
 
 from comfyui_lycoris.lycoris_core.architectures import ARCHITECTURES, DIFFUSERS, SwapHalves  # noqa: E402
-from comfyui_lycoris.lycoris_core.naming import Naming, naming_for  # noqa: E402
+from comfyui_lycoris.lycoris_core.naming import WEIGHT_PARAMS, Naming, naming_for  # noqa: E402
 from comfyui_lycoris.lycoris_core.rows import Rows  # noqa: E402
 
 MODELS = json.loads((WILD / "manifest.json").read_text())["models"]
@@ -72,6 +73,8 @@ RUNS = [
     # addition_t_embedding; two blocks, as for HunyuanVideo 1.5
     Run("qwen_image", "qwen_image", d=dict(use_additional_t_cond=True, num_layers=2),
         c=dict(use_additional_t_cond=True, num_layers=2)),
+    # the same without it: ComfyUI releases before the option (0.3.64) still prove the other names
+    Run("qwen_image_without_t_cond", "qwen_image", d=dict(num_layers=2), c=dict(num_layers=2)),
     # Below width 1024 the two timestep embedders have different shapes (Diffusers 256 -> 1024 ->
     # min(dim, 256), ComfyUI 256 -> min(dim, 1024) -> 256), so the manifest's width 16 cannot agree.
     # At width 1024 fp32 rounding is larger: Diffusers' own fp32 output is ~1.2e-5 from its fp64
@@ -91,6 +94,7 @@ def models(comfy_env, run: Run):
     """(Diffusers model with seeded random weights, ComfyUI model), built once per run."""
     if run.id not in _built:
         spec = MODELS[run.arch]
+        config_cls = comfy_env.model_class(run.comfy_class or spec["comfyui_class"])  # skips where ComfyUI lacks it
         torch.manual_seed(spec["seed"])
         dm = getattr(diffusers, spec["diffusers_class"])(**{**spec["diffusers_config"], **run.d}).eval()
         gen = torch.Generator().manual_seed(spec["seed"])
@@ -101,10 +105,7 @@ def models(comfy_env, run: Run):
                     p.copy_(r / p[0].numel() ** 0.5)
                 else:  # norm weights around 1, biases small
                     p.copy_(1 + 0.2 * r if name.endswith("weight") else 0.2 * r)
-        config_cls = getattr(comfy_env.comfy.supported_models, run.comfy_class or spec["comfyui_class"])
-        config = config_cls({**spec["comfyui_unet_config"], **run.c})
-        config.set_inference_dtype(torch.float32, None)
-        cm = config.get_model({}, "").diffusion_model.eval()
+        cm = comfy_env.new_model(config_cls, {**spec["comfyui_unet_config"], **run.c}).diffusion_model.eval()
         _built[run.id] = dm, cm
     return _built[run.id]
 
@@ -144,6 +145,8 @@ def to_comfyui(naming: Naming, arch: str, dm, shapes: dict[str, tuple]) -> dict[
                     problems.append(f"{key}: no place")
                     continue
                 ckey = f"{place.weight}.{pname}"
+                if pname == "weight":  # the core's weight parameter names: `.weight` or a norm's `.scale`
+                    ckey = next((f"{place.weight}{p}" for p in WEIGHT_PARAMS if f"{place.weight}{p}" in shapes), ckey)
                 if ckey in shapes and place.rows is not None:
                     # rows are counted on ComfyUI's (fused) weight; its bias follows the same rows
                     pieces = place.rows.pieces(shapes.get(f"{place.weight}.weight", shapes[ckey]))

@@ -339,7 +339,10 @@ def test_node_info_as_the_server_lists_it(comfy_env, node_id, category, outputs)
         for name, spec in info["input"].get(section, {}).items():
             assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
     assert info["output_node"] == (node_id in ("LycorisSave", "LycorisConvert", "LycorisMerge"))
-    assert info["is_input_list"] == (node_id == "LycorisTrain")
+    # /object_info's is_input_list, or where the running ComfyUI's node info has none (0.3.64) the class
+    # attribute its executor reads instead
+    is_input_list = info["is_input_list"] if "is_input_list" in info else comfy_env.node(node_id).INPUT_IS_LIST
+    assert is_input_list == (node_id == "LycorisTrain")
     if node_id == "LycorisTrain":
         assert info["input"]["required"]["optimizer"][1]["options"][0] == "AdamW"
         assert {"SGD", "Adam", "RMSprop"} <= set(info["input"]["required"]["optimizer"][1]["options"])
@@ -376,13 +379,19 @@ def test_example_training_workflow_fits_the_nodes(comfy_env):
     by_id = {node["id"]: node for node in workflow["nodes"]}
     types = {node["type"] for node in workflow["nodes"]}
     assert {"LycorisTrain", "LycorisSave", "LycorisApply", "MakeTrainingDataset"} <= types
+    # ComfyUI's own nodes the running release lacks (0.3.64 has none of the dataset nodes): the rest is checked
+    missing = sorted(types - FRONTEND_ONLY - set(nodes.NODE_CLASS_MAPPINGS))
+    assert not [t for t in missing if t.startswith("Lycoris")], missing
     for node in workflow["nodes"]:
-        if node["type"] in FRONTEND_ONLY:
+        if node["type"] in FRONTEND_ONLY or node["type"] in missing:
             continue
         specs, order, outputs = node_spec(nodes.NODE_CLASS_MAPPINGS[node["type"]])
         linked = {i["name"]: links[i["link"]] for i in node["inputs"] if i.get("link") is not None}
         for name, (_, from_node, from_slot, to_node, _, kind) in linked.items():
             assert to_node == node["id"] and name in specs, (node["type"], name)
+            if by_id[from_node]["type"] in missing:
+                assert kind == specs[name][0], (node["type"], name, kind)
+                continue
             source = node_spec(nodes.NODE_CLASS_MAPPINGS[by_id[from_node]["type"]])
             assert kind == source[2][from_slot] == specs[name][0], (node["type"], name, kind)
         assert [o["type"] for o in node["outputs"]] == outputs[: len(node["outputs"])], node["type"]
@@ -404,3 +413,6 @@ def test_example_training_workflow_fits_the_nodes(comfy_env):
             if options.get("control_after_generate"):
                 assert values.pop(0) in ("fixed", "increment", "decrement", "randomize")
         assert not values, f"{node['type']} (node {node['id']}): widget values left over: {values}"
+    if missing:
+        pytest.skip(f"ComfyUI {comfy_env.version} has no {', '.join(missing)} node, which example_workflows/"
+                    f"lycoris_train.json uses (its other nodes and their links were checked)")

@@ -84,13 +84,17 @@ class Wild:
     def __init__(self, env):
         self.env = env
         self.models: dict[str, object] = {}
+        self.renamed: dict[str, dict[str, str]] = {}  # arch -> {fixture name: this ComfyUI's name} (see fixture_names)
+
+    def base(self, arch: str) -> dict[str, torch.Tensor]:
+        """The fixture base under this ComfyUI's names."""
+        return {self.renamed[arch].get(k, k): v for k, v in base_weights(arch).items()}
 
     def build(self, arch: str):
         spec = MANIFEST["models"][arch]
-        config = getattr(self.env.comfy.supported_models, spec["comfyui_class"])(dict(spec["comfyui_unet_config"]))
-        config.set_inference_dtype(torch.float32, None)
-        model = config.get_model({}, "")
-        model.diffusion_model.load_state_dict(base_weights(arch), strict=True)
+        model = self.env.new_model(self.env.model_class(spec["comfyui_class"]), spec["comfyui_unet_config"])
+        self.renamed[arch] = self.env.fixture_names(model.diffusion_model.state_dict())
+        model.diffusion_model.load_state_dict(self.base(arch), strict=True)
         cpu = torch.device("cpu")
         return self.env.comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
@@ -101,12 +105,14 @@ class Wild:
         mp = self.models[arch]
         assert not mp.patches
         with torch.no_grad():
-            mp.model.diffusion_model.load_state_dict(base_weights(arch), strict=True)
+            mp.model.diffusion_model.load_state_dict(self.base(arch), strict=True)
         return mp
 
     def weights(self, mp) -> dict[str, torch.Tensor]:
-        """Every diffusion-model tensor as the modules hold it now, keys without prefix."""
-        return {k[len(PREFIX):]: v for k, v in self.env.weights(mp).items()}
+        """Every diffusion-model tensor as the modules hold it now, keys without prefix, under the fixtures' names."""
+        weights = {k[len(PREFIX):]: v for k, v in self.env.weights(mp).items()}
+        fixture = {own: name for name, own in self.env.fixture_names(weights).items()}
+        return {fixture.get(k, k): v for k, v in weights.items()}
 
     def loaded(self, patcher) -> dict[str, torch.Tensor]:
         """The weights ComfyUI computes when it loads `patcher` for sampling (then unloaded again)."""
@@ -301,13 +307,19 @@ def test_core_vs_ours(wild, results, entry, strength):
 
     record = entry["comfyui_core"]
     assert record["expected_weights"] == len(keys)
+    assert (ours["changed"], ours["exact"], ours["outside"]) == (len(keys), len(keys), [])
+    renamed = {k: wild.renamed[arch][k] for k in keys if k in wild.renamed[arch]}
+    if renamed:  # the record is of ComfyUI 0.28's core, which finds these weights under the file's names
+        name, own = next(iter(renamed.items()))
+        pytest.skip(f"ComfyUI {wild.env.version} names {len(renamed)} of the {len(keys)} weights this file changes "
+                    f"otherwise than ComfyUI 0.28, whose core loader the manifest records ({name} is {own} here): "
+                    f"core's counts (changed {core['changed']}, exact {core['exact']}) are not comparable")
     assert (core["changed"], core["exact"], core["outside"]) == (
         record["weights_changed"], record[f"exact_at_{strength}"], record["changed_outside_expectation"]
     ), f"ComfyUI core no longer does what the manifest records for {entry['file']}"
-    assert (ours["changed"], ours["exact"], ours["outside"]) == (len(keys), len(keys), [])
 
 
-def test_core_vs_ours_table(results, capsys, tmp_path_factory):
+def test_core_vs_ours_table(comfy_env, results, capsys, tmp_path_factory):
     """One line per file: how many expected weights core and ours get exactly (strength 1.0, and 0.5)."""
     if not results:
         pytest.skip("test_core_vs_ours did not run")
@@ -326,7 +338,7 @@ def test_core_vs_ours_table(results, capsys, tmp_path_factory):
     path = tmp_path_factory.getbasetemp() / "wild_core_vs_ours.json"
     path.write_text(json.dumps(results, indent=1))
     with capsys.disabled():
-        print("\n\nComfyUI core 0.28 LoraLoaderModelOnly vs LycorisLoaderModelOnly on tests/fixtures/wild "
+        print(f"\n\nComfyUI core {comfy_env.version} LoraLoaderModelOnly vs LycorisLoaderModelOnly on tests/fixtures/wild "
               f"(exact: rel. error of the change <= {TOL:g}; JSON: {path})")
         print("\n".join(lines))
         print("worst relative error of the change: "
