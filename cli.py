@@ -1,16 +1,23 @@
 """The `comfyui-lycoris` command line: a thin argparse front over the core.
 
 User errors (AdapterError, unreadable paths) print one line on stderr and exit 2; nothing else.
+SIGTERM (kill, timeout, docker stop) stops a command like Ctrl-C does: outputs in progress are removed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 
+from . import __version__
+from .lycoris_core.architectures import SUPPORTED
 from .lycoris_core.errors import AdapterError
+from .lycoris_core.report import json_safe, printable
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -20,8 +27,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     adapter = read_adapter(args.file, lokr_full_matrix_alpha=args.lokr_full_matrix_alpha)
     report = describe(adapter, scan_values=not args.no_scan)
     if args.json:
-        json.dump(report, sys.stdout, indent=1, sort_keys=False)
-        sys.stdout.write("\n")
+        try:
+            text = json.dumps(report, allow_nan=False)
+        except ValueError:  # a NaN/Inf alpha (stored where the scale ignores it): JSON has no such number
+            text = json.dumps(json_safe(report), allow_nan=False)
+        sys.stdout.write(text + "\n")
     else:
         print(format_report(report, max_modules=args.max_modules))
     return 0
@@ -38,8 +48,12 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         lokr_full_matrix_alpha=args.lokr_full_matrix_alpha,
     )
-    print(result.summary())
+    print(printable_lines(result.summary()))
     return 0
+
+
+def printable_lines(text: str) -> str:
+    return "\n".join(printable(line) for line in text.split("\n"))
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -48,7 +62,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     result = convert_file(
         args.input, args.output, args.to, prefix=args.prefix, arch=args.arch, overwrite=args.overwrite, progress=True
     )
-    print(result.summary())
+    print(printable_lines(result.summary()))
     return 0
 
 
@@ -104,14 +118,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if report.ok() else 1
 
 
+def _command(commands, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    return commands.add_parser(name, help=help, description=description)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="comfyui-lycoris",
         description="LoHa / LoKr / LoRA adapters for Musubi Tuner models: inspect, convert, merge, train.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    arch_ids = [arch.id for arch in SUPPORTED]
 
-    p = commands.add_parser("inspect", help="say what an adapter file is and what is wrong with it")
+    p = _command(commands, "inspect", "say what an adapter file is and what is wrong with it",
+                 "Read an adapter file (nothing is changed) and report its layout, the tool and naming that wrote "
+                 "it, the architecture, every module's algorithm, rank, alpha and scale, and its problems: "
+                 "NaN/Inf values, keys that belong to no module. --json prints the same as JSON.")
     p.add_argument("file", help="adapter file (.safetensors; .pt/.ckpt/.bin read weights-only)")
     p.add_argument("--json", action="store_true", help="print the stable JSON report instead of a table")
     p.add_argument("--no-scan", action="store_true", help="skip reading every tensor to count NaN/Inf")
@@ -123,19 +146,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=_cmd_inspect)
 
-    p = commands.add_parser("merge", help="bake adapters into a diffusion-model file (streamed, fp8 aware)")
+    p = _command(commands, "merge", "bake adapters into a diffusion-model file (streamed, fp8 aware)",
+                 "Write OUT = BASE with every --adapter applied at its strength (W + strength·scale·ΔW), tensor by "
+                 "tensor: same keys, order, dtypes and metadata as BASE, fp8 weights requantized with their scale. "
+                 "Every adapter is checked against BASE before anything is written.")
     p.add_argument("base", help="diffusion-model .safetensors (bare keys or model.diffusion_model. prefix)")
     p.add_argument("out", help="output .safetensors (same keys, order, dtypes and metadata as BASE)")
     p.add_argument(
         "--adapter", action="append", required=True, metavar="FILE[:STRENGTH]",
         help="adapter to apply (repeatable), with an optional strength (default 1.0)",
     )
-    p.add_argument("--arch", default="auto", help="architecture id (default: detect from the files)")
+    p.add_argument("--arch", default="auto", choices=["auto", *arch_ids], help="architecture (default: detect from the files)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--lokr-full-matrix-alpha", action="store_true", help="see inspect --help")
     p.set_defaults(run=_cmd_merge)
 
-    p = commands.add_parser("convert", help="rewrite an adapter in the Musubi, Diffusers or ComfyUI key layout (exact)")
+    p = _command(commands, "convert", "rewrite an adapter in the Musubi, Diffusers or ComfyUI key layout (exact)",
+                 "Rename, split or fuse an adapter's modules into another key layout without changing what it does: "
+                 "every module's ΔW and scale stay exactly the same. Modules the target layout cannot hold exactly "
+                 "are refused, with the reason, and nothing is written.")
     p.add_argument("input", help="adapter file (any layout this pack reads)")
     p.add_argument("output", help="output .safetensors")
     p.add_argument(
@@ -144,22 +173,26 @@ def build_parser() -> argparse.ArgumentParser:
         "comfyui: the names ComfyUI core's LoraLoader loads completely",
     )
     p.add_argument("--prefix", help="key prefix for --to diffusers (default diffusion_model; also transformer)")
-    p.add_argument("--arch", help="architecture id (default: detect from the file)")
+    p.add_argument("--arch", choices=arch_ids, help="architecture (default: detect from the file)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(run=_cmd_convert)
 
-    p = commands.add_parser("bench", help="benchmark patching, bypass, training and file work against baselines")
+    p = _command(commands, "bench", "benchmark patching, bypass, training and file work against baselines",
+                 "Time and measure memory of each case against a baseline run in the same process (ratios, not "
+                 "absolute numbers) and print a Markdown table.")
     p.add_argument("--quick", action="store_true", help="small sizes, under 2 minutes on 2 CPU cores")
     p.add_argument(
         "--json", metavar="FILE", help="also write the results as JSON (schema: pydoc comfyui_lycoris.benchmarks)"
     )
     p.add_argument(
-        "--only", metavar="GROUP[,GROUP]", help="run only these of: apply, bypass, training, model_patch, files"
+        "--only", metavar="GROUP[,GROUP]", help="run only these of: apply, bypass, training, model_patch, files, reading"
     )
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: a GPU when present, full run only)")
     p.set_defaults(run=_cmd_bench)
 
-    p = commands.add_parser("demo", help="train a LoKr and a LoHa on a built-in model, save, convert, merge, verify")
+    p = _command(commands, "demo", "train a LoKr and a LoHa on a built-in model, save, convert, merge, verify",
+                 "The whole job end to end on a small built-in model, on this machine's CPU: train a LoKr and a LoHa, "
+                 "save them, inspect, convert and merge them, and check every result against the trained model.")
     p.add_argument("--out", help="output folder (default: a new ./comfyui-lycoris-demo[-N]); "
                    "existing outputs are never replaced")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per adapter (default 300)")
@@ -167,20 +200,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MESSAGE_CHARS = 2000  # a hostile key can be megabytes long; an error line stays readable
+
+
+def _message(text: str) -> str:
+    text = printable(text)
+    return text if len(text) <= MESSAGE_CHARS else f"{text[:MESSAGE_CHARS]}... ({len(text) - MESSAGE_CHARS} more characters)"
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that every cleanup on the way out runs."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """While a command runs, SIGTERM unwinds the stack (outputs in progress are removed) instead of
+    killing the process where it stands, which would leave a temporary file behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    name = f"comfyui-lycoris {args.command}"
     try:
-        return args.run(args)
+        with _sigterm_unwinds():
+            return args.run(args)
     except AdapterError as e:
-        print(f"comfyui-lycoris {args.command}: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {_message(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"comfyui-lycoris {args.command}: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        where = f"{os.fsdecode(e.filename)}: " if e.filename else ""
+        print(f"{name}: error: {_message(where + str(e.strerror or e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"comfyui-lycoris {args.command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{name}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":

@@ -102,6 +102,60 @@ def run(base_blocks: int, convert_bytes: int, runs: int, folder: str | None, log
     return results
 
 
+def run_reading(tiny_tensors: int, key_bytes: int, runs: int, folder: str | None, log) -> list[Result]:
+    """Reading must stay linear in the header: `inspect` of a file of many tiny tensors against the
+    safetensors library reading every tensor of it, and `read_adapter` of a file whose one module has a
+    key of `key_bytes` against the library listing its keys."""
+    import contextlib
+    import io
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from .. import cli
+    from ..lycoris_core import read_adapter
+    from .harness import interleaved
+
+    def inspect(path: str) -> None:
+        with contextlib.redirect_stdout(io.StringIO()):
+            if cli.main(["inspect", "--json", path]) != 0:
+                raise RuntimeError(f"inspect of {path} failed")
+
+    def keys(path: str) -> None:
+        with safe_open(path, framework="pt") as f:
+            list(f.keys())
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="comfyui-lycoris-bench-", dir=folder) as work:
+        many = os.path.join(work, "many_tiny.safetensors")
+        modules = tiny_tensors // 3
+        log(f"files: writing {3 * modules} tiny tensors")
+        save_file({f"lora_unet_blocks_{i}_self_attn_q.{name}": tensor for i in range(modules) for name, tensor in
+                   (("lora_down.weight", torch.zeros(1, 2)), ("lora_up.weight", torch.zeros(2, 1)), ("alpha", torch.ones(())))},
+                  many)
+        log("files: inspect vs load_file")
+        times = interleaved({"ours": lambda: inspect(many), "baseline": lambda: load_file(many)}, runs, lambda: None)
+        params = {"tensors": 3 * modules, "file_bytes": os.path.getsize(many)}
+        result = Result("reading", f"inspect {3 * modules} tiny tensors", params, "comfyui-lycoris inspect --json",
+                        "safetensors.torch.load_file (the library reading every tensor)", seconds=times["ours"].median,
+                        baseline_seconds=times["baseline"].median, runs=runs,
+                        target="ratio ≤ 1.5; under 10 s at 200000 tensors").finish()
+        result.met = result.ratio <= 1.5 and result.seconds < 10 * max(1.0, 3 * modules / 200_000)
+        results.append(result)
+
+        long_key = os.path.join(work, "long_key.safetensors")
+        stem = "a." * (key_bytes // 2)
+        save_file({f"{stem}lora_down.weight": torch.zeros(2, 4), f"{stem}lora_up.weight": torch.zeros(4, 2)}, long_key)
+        log(f"files: read_adapter of a {key_bytes}-byte key")
+        times = interleaved({"ours": lambda: read_adapter(long_key), "baseline": lambda: keys(long_key)}, runs, lambda: None)
+        result = Result("reading", f"read_adapter of a {key_bytes}-byte key", {"key_bytes": len(stem) + 17},
+                        "lycoris_core.read_adapter", "safetensors safe_open(...).keys()", seconds=times["ours"].median,
+                        baseline_seconds=times["baseline"].median, runs=runs, target="under 1 s").finish()
+        result.met = result.seconds < 1.0
+        results.append(result)
+    return results
+
+
 def _records(name, params, ours_answers, plain_answers, ours_title, bound, bound_text) -> list[Result]:
     seconds, peak, anon, rss0 = _summary(ours_answers)
     p_seconds, p_peak, p_anon, p_rss0 = _summary(plain_answers)

@@ -13,7 +13,7 @@ import torch
 from . import apply, bypass, files, model_patch, synthetic, training
 from .harness import Result, machine_info, markdown, report_dict
 
-GROUPS = ("apply", "bypass", "training", "model_patch", "files")
+GROUPS = ("apply", "bypass", "training", "model_patch", "files", "reading")
 WAN_ATTN = {"wan14b_attn_5120x5120": synthetic.SHAPES["wan14b_attn_5120x5120"]}
 WAN = {k: v for k, v in synthetic.SHAPES.items() if k.startswith("wan14b")}
 
@@ -37,6 +37,8 @@ class Profile:
     files_blocks: int = 3  # Wan-14B blocks in the merge base (≈ 0.7 GB each in bf16)
     files_convert_bytes: int = 1 << 30
     files_runs: int = 3
+    files_tiny_tensors: int = 200_000  # the tensors of the file `inspect` reads (linear reading)
+    files_key_bytes: int = 1 << 20  # the key `read_adapter` matches (linear name matching)
     dim: int = synthetic.WAN14B_DIM  # Wan model width for the whole-model and file cases
     ffn: int = synthetic.WAN14B_FFN
     notes: tuple = ()
@@ -59,11 +61,12 @@ QUICK = Profile(
     files_blocks=1,
     files_convert_bytes=32 << 20,
     files_runs=2,
+    files_tiny_tensors=30_000,
     notes=(
         "--quick runs smaller than the full run: apply at 5120×5120 only, 3 runs; bypass at 256 tokens, not "
         "4096; training at 5120×5120 only, 256 tokens, without the lycoris-lora contenders; whole-model patch of "
         "1 Wan block, not 40; merge of a 1-block (0.7 GB) base, not the 2 GB one; convert of a 32 MB adapter, "
-        "not 1 GB; 2 runs of each file case.",
+        "not 1 GB; inspect of 30000 tiny tensors, not 200000; 2 runs of each file case.",
     ),
 )
 
@@ -107,6 +110,9 @@ def run(profile: Profile, groups=GROUPS, device: str = "auto", json_path: str | 
             elif group == "files":
                 results += files.run(profile.files_blocks, profile.files_convert_bytes, profile.files_runs, temp_dir,
                                      log, profile.dim, profile.ffn)
+            elif group == "reading":
+                results += files.run_reading(profile.files_tiny_tensors, profile.files_key_bytes, profile.files_runs,
+                                             temp_dir, log)
             else:
                 raise ValueError(f"unknown benchmark group {group!r} (one of {', '.join(GROUPS)})")
         except ValueError:

@@ -26,17 +26,25 @@ import torch
 
 from ..lycoris_core.adapter_file import AdapterFile, read_adapter
 from ..lycoris_core.architectures import ARCHITECTURES, SUPPORTED, describe_architecture, get_architecture
+from ..lycoris_core.detection import CONVERTED_FROM_KEY
 from ..lycoris_core.errors import AdapterError
 from ..lycoris_core.finite import count_nonfinite, describe_nonfinite
 from ..lycoris_core.module import ALPHA, ModuleAdapter
 from ..lycoris_core.naming import COMFY_PREFIX, MUSUBI_PREFIX, AmbiguousName, Naming, Partition, flatten, naming_for
 from ..lycoris_core.rows import Rows
-from ..lycoris_core.safetensors_io import SafetensorsWriter, TensorEntry, append_records, check_output_path
+from ..lycoris_core.safetensors_io import (
+    SafetensorsWriter,
+    TensorEntry,
+    append_records,
+    check_output_path,
+    describe_stale,
+    dtype_name,
+    stale_temp_files,
+)
 from ..lycoris_core.scales import lycoris_scale
 from .regroup import Inexact, ModuleSpec, Source, TensorSpec, alpha_spec, fuse, reorder, split
 
 TARGETS = ("musubi", "diffusers", "comfyui")
-CONVERTED_FROM_KEY = "comfyui_lycoris.converted_from"
 DIFFUSERS_PREFIXES = ("diffusion_model", "transformer")  # the two Musubi reads back; others are allowed
 
 # Key suffix of a canonical parameter, per target; anything not listed keeps its canonical name
@@ -88,6 +96,7 @@ class ConversionResult:
     bytes_written: int
     counts: Counter
     notes: list[str]
+    stale: list[str] = field(default_factory=list)  # temporary files beside the output that killed runs left
 
     def summary(self) -> str:
         done = ", ".join(f"{n} {what}" for what, n in sorted(self.counts.items()) if n)
@@ -96,6 +105,7 @@ class ConversionResult:
             f"({self.source_format} layout, {describe_architecture(self.architecture)})" + (f"; {done}" if done else "")
         ]
         lines += [f"  note: {note}" for note in self.notes]
+        lines += describe_stale(self.stale)
         return "\n".join(lines)
 
 
@@ -123,9 +133,12 @@ def convert_file(
     check_output_path(output, overwrite)
     if os.path.exists(output) and os.path.exists(input) and os.path.samefile(input, output):
         raise AdapterError(f"{output}: output would replace the input it is read from")
+    stale = stale_temp_files(output)
     adapter = read_adapter(input)
     plan = plan_conversion(adapter, to, prefix=prefix, arch=arch)
-    return write_plan(plan, output, overwrite=overwrite, progress=progress)
+    result = write_plan(plan, output, overwrite=overwrite, progress=progress)
+    result.stale = stale
+    return result
 
 
 def plan_conversion(adapter: AdapterFile, to: str, prefix: str | None = None, arch: str | None = None) -> ConversionPlan:
@@ -185,7 +198,8 @@ def write_plan(plan: ConversionPlan, output: str | os.PathLike, overwrite: bool 
         with SafetensorsWriter(output, layout, plan.metadata, overwrite) as writer:
             for (key, spec), size in zip(plan.tensors, sizes):
                 tensor = spec.make()
-                if not plan.loader.nonfinite:  # after the first bad tensor only the count goes on
+                if not plan.loader.nonfinite:  # after the first bad input tensor only the count goes on
+                    _check_output(plan, key, tensor)
                     writer.write(key, tensor)
                 del tensor  # keep at most one output tensor alive
                 bar.update(size)
@@ -211,6 +225,17 @@ def write_plan(plan: ConversionPlan, output: str | os.PathLike, overwrite: bool 
 
 # ---------------------------------------------------------------------------------------------
 # Checks
+
+
+def _check_output(plan: ConversionPlan, key: str, tensor: torch.Tensor) -> None:
+    """A tensor computed from finite inputs must be finite: folding a scale into a factor can take it
+    beyond its dtype's range (fp16 above 65504)."""
+    bad = count_nonfinite(tensor)
+    if bad:
+        raise AdapterError(
+            f"{plan.adapter.path}: converting gives {bad} non-finite values (NaN/Inf) in {key} "
+            f"({dtype_name(tensor.dtype)}): its values exceed the dtype's range once the scale is folded in; nothing written"
+        )
 
 
 def _check_target(to: str) -> str:
@@ -461,8 +486,10 @@ class _Builder:
             alpha = params.pop("alpha")
             for name in ("up", "down"):
                 t = params[name]
-                # Musubi's arithmetic: weight * sqrt(alpha_tensor / rank), in the alpha tensor's dtype
-                params[name] = TensorSpec(t.dtype, t.shape, lambda t=t: t.make() * (alpha.make() / rank).sqrt(), t.order)
+                # Musubi's arithmetic: weight * sqrt(alpha_tensor / rank), in the alpha tensor's dtype; a
+                # negative alpha (it flips ΔW) has no real root: its sign goes to up, √|alpha / rank| to both.
+                params[name] = TensorSpec(t.dtype, t.shape, lambda t=t, up=name == "up": _folded(t.make(), alpha.make() / rank, up),
+                                          t.order)
             self.counts["LoRA alphas folded"] += 1
         elif self.target == "musubi" and "alpha" not in params:
             order = min(p.order for p in params.values())
@@ -527,6 +554,11 @@ def _metadata(adapter: AdapterFile, target: str, arch_id: str, prefix: str | Non
         record["prefix"] = prefix
     append_records(metadata, CONVERTED_FROM_KEY, [record])
     return metadata
+
+
+def _folded(weight: torch.Tensor, ratio: torch.Tensor, carries_sign: bool) -> torch.Tensor:
+    folded = weight * ratio.abs().sqrt()
+    return folded * ratio.sign() if carries_sign else folded
 
 
 class _CheckedLoader:

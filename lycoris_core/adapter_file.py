@@ -11,9 +11,10 @@ and full diffs. Keys no algorithm uses are kept in `unknown_keys`, never dropped
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -21,14 +22,16 @@ import torch
 from .algorithms import ALGORITHMS, COMFYUI_VARIANTS, SUFFIX_INDEX, Algorithm, ShapeError
 from .detection import describe_source, detect_file_architecture, uses_comfy_names
 from .errors import AdapterError
-from .finite import count_nonfinite, describe_nonfinite
+from .finite import count_nonfinite, describe_nonfinite, nonfinite_in_file
 from .module import ALPHA, BIAS, DORA, ModuleAdapter, TensorSource
 from .naming import DOTTED_FAMILIES
 from .safetensors_io import PICKLE_SUFFIXES, SafetensorsReader, TensorEntry, dtype_name, load_pickle_tensors
 from .scales import FULL_MATRIX_RULE, LYCORIS_RULE, PeftConfig, find_peft_config, lycoris_scale
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+FLOAT32_MAX = torch.finfo(torch.float32).max
 _SUFFIXES_LONGEST_FIRST = sorted(SUFFIX_INDEX, key=len, reverse=True)
+_SUFFIX_SEGMENTS = max(suffix.count(".") + 1 for suffix in SUFFIX_INDEX)
 
 
 @dataclass
@@ -43,21 +46,20 @@ class AdapterFile:
     size: int
     problems: list[str] = field(default_factory=list)
     load: TensorSource = field(default=None, repr=False)
+    # keys -> their NaN/Inf counts, done faster than one load at a time (None: by `load`)
+    count_nonfinite: Callable[[list[str]], dict[str, int]] | None = field(default=None, repr=False)
     scale_rule: str = ""  # the scale convention applied, in words
     source: str = ""  # the tool and naming the keys follow, in words
 
     def nonfinite_counts(self) -> dict[str, int]:
-        """Non-finite values per tensor key (reads every tensor once, one at a time). Alphas are not
-        counted: one the scale needs was checked when the file was read, and some writers store an
-        alpha their convention ignores (ai-toolkit's full-rank LoKr: 9999999999, inf in fp16)."""
-        counts = {}
-        for module in self.modules.values():
-            for name in module.tensor_names:
-                key = module.params[name].name
-                bad = count_nonfinite(self.load(key))
-                if bad:
-                    counts[key] = bad
-        return counts
+        """Non-finite values per tensor key (reads every tensor once). Alphas are not counted: one the
+        scale needs was checked when the file was read, and some writers store an alpha their
+        convention ignores (ai-toolkit's full-rank LoKr: 9999999999, inf in fp16)."""
+        keys = [module.params[name].name for module in self.modules.values() for name in module.tensor_names]
+        if self.count_nonfinite is not None:
+            return self.count_nonfinite(keys)
+        found = {key: count_nonfinite(self.load(key)) for key in keys}
+        return {key: n for key, n in found.items() if n}
 
     def check_finite(self) -> None:
         """Raise AdapterError listing the tensors that hold NaN/Inf (merging them would ruin a model)."""
@@ -73,10 +75,16 @@ def split_key(key: str) -> tuple[str, str | None, str, str | None] | None:
     tensors kept in a ParameterDict (`hada_w1_a.<adapter>`, `lokr_w1.<adapter>`). None when no known
     suffix ends the key.
     """
-    for suffix in _SUFFIXES_LONGEST_FIRST:
-        if key.endswith("." + suffix) and len(key) > len(suffix) + 1:
-            algorithm, canonical = SUFFIX_INDEX[suffix]
-            return key[: -len(suffix) - 1], algorithm, canonical, None
+    match, stem = None, key
+    for _ in range(_SUFFIX_SEGMENTS):  # one segment more each time: the longest suffix that fits wins
+        stem, dot, _ = stem.rpartition(".")
+        if not (dot and stem):
+            break
+        found = SUFFIX_INDEX.get(key[len(stem) + 1 :])
+        if found is not None:
+            match = (stem, *found, None)
+    if match is not None:
+        return match
     head, _, adapter = key.rpartition(".")
     if adapter == "weight":  # lora_A.<adapter>.weight
         head, _, adapter = head.rpartition(".")
@@ -106,14 +114,26 @@ def detect_format(stems: list[str]) -> str:
     return max(votes, key=votes.get) if votes else "unknown"
 
 
-def _open_source(path: str) -> tuple[dict[str, TensorEntry], dict[str, str], TensorSource, int]:
+@dataclass
+class _Source:
+    entries: dict[str, TensorEntry]
+    metadata: dict[str, str]
+    load: TensorSource
+    load_many: Callable[[list[str]], dict[str, torch.Tensor]]
+    count_nonfinite: Callable[[list[str]], dict[str, int]] | None
+    size: int
+
+
+def _open_source(path: str) -> _Source:
     if path.lower().endswith(PICKLE_SUFFIXES):
         tensors = load_pickle_tensors(path)
         entries = {k: TensorEntry(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()}
-        return entries, {}, tensors.__getitem__, os.path.getsize(path)
+        return _Source(entries, {}, tensors.__getitem__, lambda keys: {k: tensors[k] for k in keys}, None,
+                       os.path.getsize(path))
     reader = SafetensorsReader(path)
     header = reader.header
-    return dict(header.tensors), header.metadata, reader.get, header.file_size
+    return _Source(dict(header.tensors), header.metadata, reader.get, reader.get_many,
+                   functools.partial(nonfinite_in_file, reader), header.file_size)
 
 
 @dataclass
@@ -157,9 +177,10 @@ def read_adapter(path: str | os.PathLike, lokr_full_matrix_alpha: bool = False) 
     alpha / ss_network_dim (files from trainers that did so). Off by default: scale 1.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if os.path.isdir(path) or not os.path.exists(path):
         raise AdapterError(f"{path}: " + ("is a directory, not an adapter file" if os.path.isdir(path) else "no such file"))
-    entries, metadata, load, size = _open_source(path)
+    source = _open_source(path)
+    entries, metadata, load = source.entries, source.metadata, source.load
     if not entries:
         raise AdapterError(f"{path}: file holds no tensors")
     grouped = _group_keys(path, entries)
@@ -168,6 +189,7 @@ def read_adapter(path: str | os.PathLike, lokr_full_matrix_alpha: bool = False) 
     algorithms = dict(ALGORITHMS)
     if _from_comfyui_trainer(grouped):
         algorithms.update(COMFYUI_VARIANTS)
+    alphas = source.load_many([p[ALPHA].name for p in grouped.params.values() if ALPHA in p and p[ALPHA].numel == 1])
     modules: dict[str, ModuleAdapter] = {}
     problems: list[str] = []
     unknown = list(grouped.unknown)
@@ -179,7 +201,7 @@ def read_adapter(path: str | os.PathLike, lokr_full_matrix_alpha: bool = False) 
             continue
         if len(found) > 1:
             raise AdapterError(f"{path}: module {stem}: mixes tensors of {' and '.join(sorted(found))}")
-        modules[stem] = _build_module(path, stem, algorithms[found.pop()], params, load, rule)
+        modules[stem] = _build_module(path, stem, algorithms[found.pop()], params, load, rule, alphas)
 
     if not modules:
         raise AdapterError(
@@ -194,9 +216,10 @@ def read_adapter(path: str | os.PathLike, lokr_full_matrix_alpha: bool = False) 
         modules=modules,
         unknown_keys=unknown,
         tensors=entries,
-        size=size,
+        size=source.size,
         problems=problems,
         load=load,
+        count_nonfinite=source.count_nonfinite,
         scale_rule=rule.describe,
     )
     adapter.architecture = detect_file_architecture(adapter)
@@ -261,7 +284,7 @@ def _scale_rule(path: str, metadata, grouped: _Grouped, lokr_full_matrix_alpha: 
     return _ScaleRule(LYCORIS_RULE)
 
 
-def _build_module(path, stem, algorithm, params, load, rule: _ScaleRule) -> ModuleAdapter:
+def _build_module(path, stem, algorithm, params, load, rule: _ScaleRule, alphas: Mapping[str, torch.Tensor]) -> ModuleAdapter:
     for name, entry in params.items():
         allowed = FLOAT_DTYPES + ((torch.int64, torch.int32) if name == ALPHA else ())
         if entry.dtype not in allowed:
@@ -273,7 +296,10 @@ def _build_module(path, stem, algorithm, params, load, rule: _ScaleRule) -> Modu
         entry = params[ALPHA]
         if math.prod(entry.shape) != 1:
             raise AdapterError(f"{path}: module {stem}: alpha must be a single value, got shape {list(entry.shape)}")
-        alpha = float(load(entry.name).reshape(()).item())
+        alpha = float(alphas[entry.name].reshape(()).item())
+    for name, entry in params.items():
+        if name != ALPHA and entry.numel == 0:
+            raise AdapterError(f"{path}: module {stem}: {name} {list(entry.shape)} has no elements (rank 0?)")
     shapes = {name: entry.shape for name, entry in params.items()}
     try:
         shape = tuple(algorithm.weight_shape(shapes))
@@ -284,7 +310,11 @@ def _build_module(path, stem, algorithm, params, load, rule: _ScaleRule) -> Modu
     scale = rule.scale(stem, algorithm, shapes, alpha)
     if scale is None:
         raise AdapterError(f"{path}: module {stem}: alpha is {alpha}" + (f" with rank {rank}" if rank is not None else ""))
+    if not abs(scale) <= FLOAT32_MAX:  # the math runs in fp32
+        raise AdapterError(f"{path}: module {stem}: scale {scale:g} (alpha {alpha}) is beyond the float32 range")
     if DORA in params:
+        if len(shape) < 2:
+            raise AdapterError(f"{path}: module {stem}: dora_scale needs a weight of at least 2 dimensions, not {list(shape)}")
         n = math.prod(params[DORA].shape)
         if n not in (shape[0], shape[1] if len(shape) > 1 else None):
             raise AdapterError(

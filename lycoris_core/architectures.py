@@ -518,7 +518,7 @@ def get_architecture(arch_id: str) -> Architecture:
     try:
         arch = ARCHITECTURES[arch_id]
     except KeyError:
-        raise AdapterError(f"unknown architecture {arch_id!r} (known: {', '.join(ARCHITECTURES)})") from None
+        raise AdapterError(f"unknown architecture {arch_id!r} (known: {', '.join(a.id for a in SUPPORTED)})") from None
     if arch.refused:
         raise AdapterError(arch.refused)
     return arch

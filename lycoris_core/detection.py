@@ -21,6 +21,8 @@ A model: regexes over its weight names (`Architecture.model_signature`).
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -41,6 +43,11 @@ def architecture_from_metadata(metadata: Mapping[str, str]) -> str | None:
 
 
 def _places(arch_id: str, stems) -> dict[str, Place | None]:
+    return _places_of(arch_id, tuple(stems))
+
+
+@functools.lru_cache(maxsize=16)  # detection, source and format words ask again for the same file's stems
+def _places_of(arch_id: str, stems: tuple[str, ...]) -> dict[str, Place | None]:
     naming = naming_for(arch_id)
     found = {}
     for stem in stems:
@@ -100,8 +107,6 @@ def detect_adapter_architecture(module_shapes: Mapping[str, tuple], metadata: Ma
     """The architecture of an adapter from its module stems and shapes, with metadata as the hint
     among the candidates the names allow (module docstring)."""
     hint = architecture_from_metadata(metadata)
-    if hint and ARCHITECTURES[hint].refused:
-        return hint
     stems = list(module_shapes)
     places = {arch.id: _places(arch.id, stems) for arch in SUPPORTED}
     scores = {a: sum(p is not None for p in found.values()) for a, found in places.items()}
@@ -110,7 +115,7 @@ def detect_adapter_architecture(module_shapes: Mapping[str, tuple], metadata: Ma
         scores["flux2" if ratio < 5 else "flux"] = 0
     best = max(scores.values())
     if best == 0:
-        return hint
+        return hint  # an architecture this pack refuses is only named when no supported one fits the keys
     candidates = [a for a, s in scores.items() if s == best]
     if hint in candidates:
         return hint
@@ -168,7 +173,10 @@ def describe_source(adapter) -> tuple[str, str]:
     stems = [m.stem for m in modules]
     fmt = adapter.format
     naming = _naming_words(stems, adapter.architecture)
-    if "comfyui_lycoris.converted_from" in adapter.metadata:
+    converted_to = _conversion_target(adapter.metadata)
+    if converted_to is not None:
+        if fmt in DOTTED_LAYOUTS and converted_to in DOTTED_LAYOUTS:  # keys alike where both name a weight alike
+            fmt = converted_to
         return fmt, f"comfyui-lycoris conversion ({fmt} layout, {naming})"
     if fmt == "musubi":
         return fmt, f"Musubi Tuner / kohya (lora_unet_ + {naming})"
@@ -183,6 +191,23 @@ def describe_source(adapter) -> tuple[str, str]:
     if any(key.startswith("ss_") for key in adapter.metadata):
         return fmt, f"Musubi Tuner, Diffusers layout (convert_lora.py --target other, {naming})"
     return fmt, f"{fmt} keys, {naming}"
+
+
+DOTTED_LAYOUTS = ("diffusers", "comfyui")
+CONVERTED_FROM_KEY = "comfyui_lycoris.converted_from"  # the records `convert` appends to a file's metadata
+
+
+def _conversion_target(metadata) -> str | None:
+    """The layout this pack's last conversion of the file wrote, from its record; None if it has none."""
+    if CONVERTED_FROM_KEY not in metadata:
+        return None
+    try:
+        records = json.loads(metadata[CONVERTED_FROM_KEY])
+    except (ValueError, RecursionError):
+        return ""
+    last = records[-1] if isinstance(records, list) and records else None
+    target = last.get("target") if isinstance(last, dict) else None
+    return target if isinstance(target, str) else ""
 
 
 def _naming_words(stems, arch_id: str | None) -> str:

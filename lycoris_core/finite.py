@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy
 import torch
 
+from .errors import AdapterError
+from .safetensors_io import TensorEntry
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # adapter math runs in fp32
 CHUNK_ELEMENTS = 1 << 20  # elements checked at once, so the check never needs a full-size temporary
 
 # A float is NaN or Inf exactly when all its exponent bits are set: (integer view, exponent mask).
@@ -37,8 +43,72 @@ def count_nonfinite(tensor: torch.Tensor) -> int:
     return bad
 
 
+RUN_BYTES = 64 << 20  # adjacent tensors read and checked together, at most
+GAP_BYTES = 4096  # a tensor not asked about (an alpha) this small is read through rather than ending a run
+
+
+def nonfinite_in_file(reader, names) -> dict[str, int]:
+    """NaN/Inf per tensor (of `names`, in file order) of a safetensors file.
+
+    Writers store tensors of one dtype next to each other, so a file of 10⁵ tiny tensors is read and
+    checked as a few long runs of bytes: the cost is the data's, not a read and a check per tensor.
+    """
+    wanted = set(names)
+    counts: dict[str, int] = {}
+    run: list[TensorEntry] = []
+    run_start = run_end = 0
+    for entry in reader.header.tensors.values():  # in file order
+        offset = reader.header.offsets[entry.name]
+        asked = entry.name in wanted
+        if entry.dtype not in _EXPONENT_BITS or entry.numel == 0 or (not asked and entry.nbytes > GAP_BYTES):
+            if asked or entry.nbytes:  # an empty tensor ends no run
+                counts.update(_run_counts(reader, run, run_start, run_end, wanted))
+                run = []
+            continue
+        if asked and entry.nbytes >= RUN_BYTES:  # big enough to be checked on its own
+            counts.update(_run_counts(reader, run, run_start, run_end, wanted))
+            run = []
+            bad = count_nonfinite(reader.get(entry.name))
+            if bad:
+                counts[entry.name] = bad
+            continue
+        if run and (entry.dtype != run[0].dtype or offset != run_end or run_end - run_start + entry.nbytes > RUN_BYTES):
+            counts.update(_run_counts(reader, run, run_start, run_end, wanted))
+            run = []
+        if not run:
+            run_start = offset
+        run.append(entry)
+        run_end = offset + entry.nbytes
+    counts.update(_run_counts(reader, run, run_start, run_end, wanted))
+    return counts
+
+
+def _run_counts(reader, run: list[TensorEntry], start: int, end: int, wanted: set[str]) -> dict[str, int]:
+    if not any(entry.name in wanted for entry in run):
+        return {}
+    int_dtype, mask = _EXPONENT_BITS[run[0].dtype]
+    bits = torch.frombuffer(reader.read_bytes(start, end - start), dtype=int_dtype).numpy()
+    bad = numpy.flatnonzero((bits & mask) == mask)
+    if not bad.size:
+        return {}
+    first_elements = numpy.cumsum([0] + [entry.numel for entry in run[:-1]])
+    per_tensor = numpy.bincount(numpy.searchsorted(first_elements, bad, side="right") - 1, minlength=len(run))
+    return {entry.name: int(n) for entry, n in zip(run, per_tensor) if n and entry.name in wanted}
+
+
 def describe_nonfinite(counts: dict[str, int], limit: int = 5) -> str:
     """'N non-finite values (NaN/Inf) in key (n), ...' for {tensor key: count}."""
     listed = ", ".join(f"{k} ({n})" for k, n in list(counts.items())[:limit])
     more = f" and {len(counts) - limit} more tensors" if len(counts) > limit else ""
     return f"{sum(counts.values())} non-finite values (NaN/Inf) in {listed}{more}"
+
+
+def check_strength(strength: float, where: str) -> float:
+    """A strength the fp32 math can use: finite and within the float32 range (else AdapterError)."""
+    try:
+        value = float(strength)
+    except (TypeError, ValueError):
+        raise AdapterError(f"{where}: strength {strength!r} is not a number") from None
+    if not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+        raise AdapterError(f"{where}: strength {strength} is not a finite number within the float32 range")
+    return value

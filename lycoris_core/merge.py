@@ -10,6 +10,7 @@ plus a block and the adapters.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,8 +18,9 @@ from dataclasses import dataclass, field
 import torch
 
 from . import dora
-from .adapter_file import read_adapter
+from .adapter_file import read_adapter, split_key
 from .errors import AdapterError
+from .finite import FLOAT32_MAX, check_strength, count_nonfinite
 from .plan import LoadPlan, Patch, make_plan
 from .rows import Rows
 from .safetensors_io import (
@@ -27,7 +29,9 @@ from .safetensors_io import (
     TensorEntry,
     append_records,
     check_output_path,
+    describe_stale,
     dtype_name,
+    stale_temp_files,
 )
 
 MERGE_METADATA_KEY = "comfyui_lycoris.merge"
@@ -44,6 +48,7 @@ class MergeResult:
     strengths: list[float]
     tensors_changed: int = 0
     saturated: dict[str, int] = field(default_factory=dict)  # fp8 key -> values clipped to the fp8 range
+    stale: list[str] = field(default_factory=list)  # temporary files beside OUT that killed runs left
 
     def summary(self) -> str:
         lines = [f"wrote {self.output}: {self.tensors_changed} tensors changed"]
@@ -55,17 +60,21 @@ class MergeResult:
                 lines.append(f"    ... and {len(plan.unmatched) - 20} more unmatched")
         for key, count in self.saturated.items():
             lines.append(f"  warning: {count} values of {key} exceed the fp8 range at its scale and were clipped")
+        lines += describe_stale(self.stale)
         return "\n".join(lines)
 
 
 def parse_adapter_arg(text: str) -> tuple[str, float]:
     """'FILE' or 'FILE:STRENGTH' (a trailing ':number'; paths with colons stay whole)."""
     path, sep, tail = text.rpartition(":")
-    if sep:
-        try:
-            return path, float(tail)
-        except ValueError:
-            pass
+    if not sep:
+        return text, 1.0
+    try:
+        return path, float(tail)
+    except ValueError:
+        pass
+    if not os.path.exists(text) and os.path.exists(path):  # FILE:typo, not a file with a colon in its name
+        raise AdapterError(f"{text}: strength {tail!r} is not a number (write FILE or FILE:STRENGTH, e.g. {path}:0.8)")
     return text, 1.0
 
 
@@ -80,7 +89,10 @@ def _quant_scale(key: str, entries: dict[str, TensorEntry], reader: SafetensorsR
                     f"{reader.path}: {key} is block-scaled ({scale_key} has shape {list(entries[scale_key].shape)}); "
                     "merge onto a dequantized base instead"
                 )
-            return reader.get(scale_key).float().reshape(())
+            scale = reader.get(scale_key).float().reshape(())
+            if not (torch.isfinite(scale) and scale > 0):
+                raise AdapterError(f"{reader.path}: {scale_key} is {scale.item():g}, so {key} cannot be dequantized")
+            return scale
     return None
 
 
@@ -107,7 +119,7 @@ def _merge_tensor(
         p.module.has_dora and not dora.on_output_axis(bound[id(p)].tensors["dora_scale"], p.module.shape)
         for p, _ in patches
     )
-    step = rows if needs_whole else max(1, BLOCK_ELEMENTS // max(1, weight[0].numel()))
+    step = rows if needs_whole else max(1, BLOCK_ELEMENTS // max(1, math.prod(weight.shape[1:])))
     quantized = weight.dtype in FP8_DTYPES
     clipped = 0
     for start in range(0, rows, step):
@@ -115,6 +127,7 @@ def _merge_tensor(
         block = block_rows.of(weight).to(torch.float64 if weight.dtype == torch.float64 else torch.float32, copy=True)
         if quantized and scale is not None:
             block.mul_(scale)
+        nonfinite_before = count_nonfinite(block)
         for patch, strength in patches:
             target = patch.target.rows or Rows(0, rows)
             source = patch.target.source_rows.start if patch.target.source_rows else 0  # this weight's row 0 in ΔW
@@ -128,9 +141,28 @@ def _merge_tensor(
             limit = torch.finfo(weight.dtype).max
             clipped += int((block.abs() > limit).sum())
             block.clamp_(-limit, limit)
-        emit(block.to(weight.dtype))
-        del block  # before the next block is made: one fp32 block at a time
+        out = block.to(weight.dtype)
+        # What the adapters add must stay finite in the output's dtype (fp8: clipped above; NaN stays NaN).
+        made = count_nonfinite(block if quantized else out) - nonfinite_before
+        if made > 0:
+            raise Overflow(made, weight.dtype, patches)
+        emit(out)
+        del block, out  # before the next block is made: one fp32 block at a time
     return clipped
+
+
+class Overflow(Exception):
+    """Merging made NaN/Inf values that BASE did not have (strength × scale × ΔW beyond the dtype)."""
+
+    def __init__(self, count: int, dtype: torch.dtype, patches: list[tuple[Patch, float]]):
+        self.count, self.dtype = count, dtype
+        self.modules = ", ".join(f"{p.module.stem} @ {s:g}" for p, s in patches)
+
+    def message(self, base: str, key: str) -> str:
+        return (
+            f"{base}: merging into {key} gives {self.count} non-finite values (NaN/Inf) in "
+            f"{dtype_name(self.dtype)}: the change from {self.modules} is beyond its range; nothing written"
+        )
 
 
 Planned = dict[str, list[tuple[Patch, float]]]  # BASE key -> (patch, strength) of every adapter landing there
@@ -144,10 +176,16 @@ def _plan_all(base: str, entries: dict[str, TensorEntry], adapters, architecture
     targets: Planned = {}
     bias_targets: Planned = {}
     for path, strength in adapters:
+        strength = check_strength(strength, os.fspath(path))
         adapter = read_adapter(path, lokr_full_matrix_alpha=lokr_full_matrix_alpha)
         adapter.check_finite()
         plan = make_plan(adapter, shapes, architecture)
         for patch in plan.patches:
+            if not abs(patch.module.scale * strength) <= FLOAT32_MAX:
+                raise AdapterError(
+                    f"{adapter.path}: module {patch.module.stem}: scale {patch.module.scale:g} × strength "
+                    f"{strength:g} is beyond the float32 range"
+                )
             _check_mergeable(patch.target.key, entries[patch.target.key], base)
             targets.setdefault(patch.target.key, []).append((patch, strength))
             if patch.bias_key:
@@ -177,10 +215,16 @@ def merge(
     check_output_path(output, overwrite)
     if not adapters:
         raise AdapterError("merge needs at least one --adapter")
-    if os.path.exists(output) and os.path.samefile(base, output):
-        raise AdapterError(f"{output}: output would replace the base model it is read from")
+    if os.path.exists(output):
+        for source, what in [(base, "the base model"), *((path, "an adapter") for path, _ in adapters)]:
+            if os.path.exists(source) and os.path.samefile(source, output):
+                raise AdapterError(f"{output}: output would replace {what} it is read from")
+    stale = stale_temp_files(output)
     reader = SafetensorsReader(base)
     entries = reader.header.tensors
+    parts = [split_key(key) for key in entries]
+    if parts and all(parts) and any(p[1] for p in parts):  # every key an adapter tensor
+        raise AdapterError(f"{base}: this is an adapter file, not a diffusion model: pass it with --adapter and the model as BASE")
     plans, strengths, targets, bias_targets = _plan_all(base, entries, adapters, architecture, lokr_full_matrix_alpha)
     metadata = dict(reader.header.metadata)
     append_records(metadata, MERGE_METADATA_KEY, [
@@ -195,7 +239,7 @@ def merge(
         for plan, strength in zip(plans, strengths)
     ])
 
-    result = MergeResult(output, plans, strengths)
+    result = MergeResult(output, plans, strengths, stale=stale)
     try:
         _write(reader, output, metadata, targets, bias_targets, overwrite, result, _progress_bar(
             sum(e.nbytes for e in entries.values()), progress), on_progress)
@@ -215,15 +259,21 @@ def _write(reader, output, metadata, targets: Planned, bias_targets: Planned, ov
             for entry in layout:
                 tensor = reader.get(entry.name)
                 if entry.name in targets:
-                    clipped = _merge_tensor(
-                        tensor, targets[entry.name], _quant_scale(entry.name, entries, reader),
-                        emit=lambda rows, name=entry.name: writer.write_rows(name, rows),
-                    )
+                    try:
+                        clipped = _merge_tensor(
+                            tensor, targets[entry.name], _quant_scale(entry.name, entries, reader),
+                            emit=lambda rows, name=entry.name: writer.write_rows(name, rows),
+                        )
+                    except Overflow as e:
+                        raise AdapterError(e.message(reader.path, entry.name)) from None
                     result.tensors_changed += 1
                     if clipped:
                         result.saturated[entry.name] = clipped
                 elif entry.name in bias_targets:
-                    writer.write(entry.name, _merge_bias(tensor, bias_targets[entry.name]))
+                    try:
+                        writer.write(entry.name, _merge_bias(tensor, bias_targets[entry.name]))
+                    except Overflow as e:
+                        raise AdapterError(e.message(reader.path, entry.name)) from None
                     result.tensors_changed += 1
                 else:
                     writer.write(entry.name, tensor)
@@ -243,7 +293,11 @@ def _merge_bias(bias: torch.Tensor, patches: list[tuple[Patch, float]]) -> torch
         source = patch.target.source_rows.start if patch.target.source_rows else 0
         delta = patch.module.bind().delta_bias()
         target.of(work).add_(target.shifted(source - target.start).of(delta), alpha=strength)
-    return work.to(bias.dtype)
+    out = work.to(bias.dtype)
+    made = count_nonfinite(out) - count_nonfinite(bias)
+    if made > 0:
+        raise Overflow(made, bias.dtype, patches)
+    return out
 
 
 def _progress_bar(total: int, enabled: bool):

@@ -84,15 +84,18 @@ def is_text_encoder_stem(stem: str) -> bool:
     return stem.startswith(TEXT_ENCODER_FAMILIES)
 
 
-def stem_paths(stem: str, flatten_dotted: bool = True) -> Iterator[tuple[str, bool]]:
+def stem_paths(stem: str, flatten_dotted: bool = True, max_segments: int | None = None) -> Iterator[tuple[str, bool]]:
     """The module paths an adapter stem may stand for, in the order they are tried: (path, flattened).
-    `flatten_dotted=False` leaves out the flattened readings of dotted stems."""
+    `flatten_dotted=False` leaves out the flattened readings of dotted stems. `max_segments`: dotted
+    readings of more segments than any name being matched has are left out (a hostile stem of
+    thousands of segments must not cost thousands of paths)."""
     for prefix in FLAT_FAMILIES:
         if stem.startswith(prefix) and len(stem) > len(prefix):
             yield stem[len(prefix) :], True
             return
     parts = stem.split(".")
-    dotted = [".".join(parts[k:]) for k in range(len(parts))]  # the stem, then without leading segments
+    first = 0 if max_segments is None else max(0, len(parts) - max_segments)
+    dotted = [".".join(parts[k:]) for k in range(first, len(parts))]  # the stem, then without leading segments
     for path in dotted:
         yield path, False
     if flatten_dotted:
@@ -143,18 +146,24 @@ class Naming:
         names = list(arch.names) if arch else []
         comfy = dict.fromkeys(name.weight for name in names) if arch and arch.comfyui_model else {}
         self.names: list[Name] = names + [Name(COMFYUI, weight, weight) for weight in comfy]
-        # The literal end of each template (after its last placeholder), dotted and flattened: a
-        # path that does not end with it cannot match, which saves most regex matches.
-        self._tails = [_literal_tail(name.template) for name in self.names]
+        # Templates by their shape (digit runs as '#', placeholders filled with what they can hold): a
+        # path only matches templates of its own shape, so each is tried against those alone.
+        self._by_shape: dict[tuple[str, bool], list[int]] = {}
+        for i, name in enumerate(self.names):
+            for flat in (False, True):
+                for shape in _template_shapes(name.template, flat):
+                    self._by_shape.setdefault((shape, flat), []).append(i)
+        # A path of more segments cannot match any template, dotted or flattened: each of its dots
+        # stands for a dot or an underscore of the template (placeholders hold neither).
+        self.max_segments = max((n.template.count(".") + n.template.count("_") + 1 for n in self.names), default=1)
 
     # -- resolving -------------------------------------------------------------------------------
 
     def places(self, path: str, flat: bool = False) -> list[Place]:
         """Every place a (dotted or flattened) path names, one per distinct place."""
         found: dict[tuple, set[str]] = {}
-        for name, tail in zip(self.names, self._tails):
-            if not path.endswith(flatten(tail) if flat else tail):
-                continue
+        for i in self._by_shape.get((_DIGIT_RUNS.sub("#", path), flat), ()):
+            name = self.names[i]
             groups = match_template(name.template, path, flat)
             if groups is not None:
                 found.setdefault((fill(name.weight, groups), name.rows), set()).add(name.naming)
@@ -170,7 +179,7 @@ class Naming:
     def place_of_stem(self, stem: str, flatten_dotted: bool = True) -> Place | None:
         """The place of an adapter's module stem (module policy), or None when no naming of the
         architecture has it. Raises AmbiguousName when it fits several."""
-        for path, flat in stem_paths(stem, flatten_dotted):
+        for path, flat in stem_paths(stem, flatten_dotted, self.max_segments):
             places = self.places(path, flat)
             if len(places) > 1:
                 raise AmbiguousName(
@@ -221,9 +230,23 @@ class Naming:
         return dict(self.arch.comfyui_slice_names).get(partition.naming) if self.arch else None
 
 
-def _literal_tail(template: str) -> str:
-    literal, field, _, _ = list(_FORMATTER.parse(template))[-1]
-    return literal if field is None else ""
+_DIGIT_RUNS = re.compile(r"\d+")
+# What each placeholder can hold, as a shape: digit runs ('#'), or one of a few words.
+_PLACEHOLDER_SHAPES = {"n": ("#",), "s": ("img", "txt")}
+assert set(_PLACEHOLDER_SHAPES) == set(PLACEHOLDERS), "every placeholder needs its shapes"
+
+
+def _template_shapes(template: str, flat: bool) -> list[str]:
+    """The shapes of the paths a template matches (see Naming): one per choice of its word placeholders."""
+    shapes, after_field = [""], False
+    for literal, field, _, _ in _FORMATTER.parse(template):
+        literal = flatten(literal) if flat else literal
+        if (after_field and literal[:1].isdigit()) or (field is not None and literal[-1:].isdigit()):
+            raise ValueError(f"template {template!r}: a digit next to a placeholder makes one digit run with it")
+        after_field = field is not None
+        options = [_DIGIT_RUNS.sub("#", literal) + choice for choice in (_PLACEHOLDER_SHAPES[field] if field else ("",))]
+        shapes = [shape + option for shape in shapes for option in options]
+    return shapes
 
 
 @functools.cache

@@ -115,6 +115,7 @@ class ModelWeights:
                 except AmbiguousName:
                     place = Place(path)
                 self._held.setdefault(place.weight, []).append((key, place))
+        self._max_segments = max((weight.count(".") + 1 for weight in self._held), default=1)
 
     def __contains__(self, weight: str) -> bool:
         return weight in self._held
@@ -157,7 +158,7 @@ class ModelWeights:
         place = naming.place_of_stem(stem)
         if place is not None:
             return place
-        for path, flat in stem_paths(stem):
+        for path, flat in stem_paths(stem, flatten_dotted=False, max_segments=self._max_segments):
             if not flat and path in self._held:
                 return Place(path)
         return None

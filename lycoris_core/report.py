@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 from .adapter_file import AdapterFile
@@ -14,6 +15,30 @@ REPORT_VERSION = 1
 # `inspect` adds about their scale.
 VARIANT_WORDS = {"full": "full-matrix", "low_rank": "low-rank"}
 VARIANT_NOTES = {"full": " (scale 1)"}
+
+
+# Characters a name or metadata value from a file must not carry raw into a terminal: C0/C1 controls
+# (a newline forges a line, ESC sequences drive the terminal), bidirectional overrides (text that reads
+# differently from what it is) and lone surrogates (undecodable bytes of a path; they cannot be printed).
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+_ESCAPES.update({0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"})
+_ESCAPES.update({c: f"\\u{c:04x}" for c in (0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A), *range(0xD800, 0xE000))})
+
+
+def printable(text: str) -> str:
+    """`text` safe for a terminal, on one line: control characters and the like as escapes."""
+    return text.translate(_ESCAPES)
+
+
+def json_safe(value):
+    """`value` with non-finite floats as the strings 'nan', 'inf', '-inf' (JSON has no such numbers)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def _number_key(value: float | int | None) -> str:
@@ -110,7 +135,7 @@ def format_report(report: dict, max_modules: int = 40) -> str:
     if report["metadata"]:
         lines.append("metadata")
         for key in sorted(report["metadata"]):
-            value = report["metadata"][key].replace("\n", " ")
+            value = printable(report["metadata"][key])
             lines.append(f"  {key} = {value[:100] + '...' if len(value) > 100 else value}")
     lines.append("problems      " + ("none" if not report["problems"] else ""))
     lines += [f"  - {p}" for p in report["problems"]]
@@ -132,9 +157,10 @@ def format_report(report: dict, max_modules: int = 40) -> str:
         )
         for m in rows[:max_modules]
     ]
+    table = [tuple(printable(c) for c in r) for r in table]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     for r in table:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     if len(rows) > max_modules:
         lines.append(f"... and {len(rows) - max_modules} more modules (use --json for all)")
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)

@@ -1,8 +1,8 @@
 """Safe reading and atomic, streaming writing of tensor files.
 
 Reading: the safetensors header is validated here (size, JSON shape, dtypes, offsets against the file
-size) before any tensor is touched; the tensors themselves are then read through `safetensors.safe_open`
-one at a time. Pickle formats only go through `torch.load(weights_only=True)`.
+size) before any tensor is touched; the tensors are then read one at a time from their checked byte
+spans. Pickle formats only go through `torch.load(weights_only=True)`. Only regular files are read.
 
 Writing: `SafetensorsWriter` writes a file tensor by tensor (the header is known up front from the
 names, dtypes and shapes), into a temporary file in the destination folder that is fsynced and renamed
@@ -14,14 +14,18 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import mmap
 import os
+import stat
 import struct
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import BinaryIO, NamedTuple
 
 import torch
-from safetensors import safe_open
 
 from .errors import AdapterError
 
@@ -57,9 +61,8 @@ def dtype_name(dtype: torch.dtype) -> str:
         raise AdapterError(f"dtype {dtype} cannot be stored in a safetensors file") from None
 
 
-@dataclass(frozen=True)
-class TensorEntry:
-    """One tensor as the header describes it; no data is loaded."""
+class TensorEntry(NamedTuple):
+    """One tensor as the header describes it; no data is loaded. (A tuple: headers hold 10⁵ of them.)"""
 
     name: str
     dtype: torch.dtype
@@ -80,10 +83,14 @@ class SafetensorsHeader:
     metadata: dict[str, str]
     tensors: dict[str, TensorEntry]  # in file order (by data offset)
     file_size: int
+    offsets: dict[str, int] = field(default_factory=dict)  # name -> where its bytes start in the file
+
+
+_ITEMSIZE = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in _DTYPE_NAMES.values()}
 
 
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return _ITEMSIZE.get(dtype) or torch.empty((), dtype=dtype).element_size()
 
 
 def read_header(path: str | os.PathLike) -> SafetensorsHeader:
@@ -96,19 +103,42 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         raise AdapterError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
     entries, spans = _entries(path, header)
     _check_spans(path, spans, data_size=file_size - 8 - len(raw))
-    ordered = {name: entries[name] for _, _, name in sorted(spans)}
-    return SafetensorsHeader(path, dict(metadata), ordered, file_size)
+    spans.sort()
+    ordered = {name: entries[name] for _, _, name in spans}
+    offsets = {name: 8 + len(raw) + begin for begin, _, name in spans}
+    return SafetensorsHeader(path, dict(metadata), ordered, file_size, offsets)
+
+
+def open_regular_file(path: str) -> BinaryIO:
+    """`path` opened for reading, unbuffered; refuses what is not a regular file (a FIFO or a device
+    would block or never end) without blocking on it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as e:
+        raise AdapterError(f"{path}: cannot read file ({e.strerror or e})") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise AdapterError(f"{path}: not a regular file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _raw_header(path: str) -> tuple[bytes, int]:
     """The header's bytes (its length checked against the limit and the file) and the file's size."""
-    try:
-        file_size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise AdapterError(f"{path}: not a safetensors file (only {file_size} bytes)")
-            (header_len,) = struct.unpack("<Q", prefix)
+    with open_regular_file(path) as f:
+        try:
+            file_size = os.fstat(f.fileno()).st_size
+            prefix = _read_exactly(f, 9)
+            if len(prefix) < 9 or prefix[8:9] != b"{":
+                raise AdapterError(
+                    f"{path}: not a safetensors file (" + (f"only {file_size} bytes" if len(prefix) < 9 else
+                    "it does not start with a header length and a JSON header") + ")"
+                )
+            (header_len,) = struct.unpack("<Q", prefix[:8])
             if header_len > MAX_HEADER_BYTES:
                 raise AdapterError(
                     f"{path}: safetensors header of {header_len} bytes is larger than the "
@@ -119,19 +149,54 @@ def _raw_header(path: str) -> tuple[bytes, int]:
                     f"{path}: truncated or not a safetensors file (header says {header_len} bytes, "
                     f"file has {file_size - 8} after the length field)"
                 )
-            return f.read(header_len), file_size
-    except OSError as e:
-        raise AdapterError(f"{path}: cannot read file ({e.strerror or e})") from None
+            raw = prefix[8:] + _read_exactly(f, header_len - 1)
+        except OSError as e:
+            raise AdapterError(f"{path}: cannot read file ({e.strerror or e})") from None
+    if len(raw) < header_len:
+        raise AdapterError(f"{path}: file shrank while its header was read")
+    return raw, file_size
+
+
+def _read_exactly(f: BinaryIO, size: int) -> bytes:
+    """Up to `size` bytes (fewer only at the end of the file); an unbuffered read may return less."""
+    chunks, left = [], size
+    while left:
+        chunk = f.read(left)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def _header_json(path: str, raw: bytes) -> dict:
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{path}: corrupt safetensors header (not valid JSON: {e})") from None
+    except UnicodeDecodeError as e:
+        raise AdapterError(f"{path}: corrupt safetensors header (not UTF-8: {e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{path}: corrupt safetensors header (not valid JSON: {e.msg} at character {e.pos})") from None
+    except ValueError:  # Python refuses integers of more than 4300 digits
+        raise AdapterError(f"{path}: corrupt safetensors header (an integer of thousands of digits)") from None
+    except RecursionError:
+        raise AdapterError(f"{path}: corrupt safetensors header (JSON nested too deeply)") from None
     if not isinstance(header, dict):
         raise AdapterError(f"{path}: corrupt safetensors header (not a JSON object)")
     return header
+
+
+# Sizes, dims and offsets must fit the int64 that torch and the safetensors format use.
+INT64_MAX = (1 << 63) - 1
+
+
+_INT_ONLY = {int}
+
+
+def _is_counts(values) -> bool:
+    """A JSON list of sizes: ints (not bools: JSON true is an int to Python) from 0 to INT64_MAX."""
+    return type(values) is list and set(map(type, values)) <= _INT_ONLY and (
+        not values or (min(values) >= 0 and max(values) <= INT64_MAX)
+    )
 
 
 def _entries(path: str, header: dict) -> tuple[dict[str, TensorEntry], list[tuple[int, int, str]]]:
@@ -139,29 +204,37 @@ def _entries(path: str, header: dict) -> tuple[dict[str, TensorEntry], list[tupl
     spans = []
     entries = {}
     for name, info in header.items():
-        if not isinstance(info, dict):
+        if type(info) is not dict:
             raise AdapterError(f"{path}: corrupt safetensors header (entry {name!r} is not an object)")
         dtype_str, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype_str not in _DTYPE_NAMES:
-            raise AdapterError(f"{path}: tensor {name!r} has unsupported dtype {dtype_str!r}")
-        if not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
-            raise AdapterError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(n, int) and n >= 0 for n in offsets)
-            or offsets[0] > offsets[1]
-        ):
-            raise AdapterError(f"{path}: tensor {name!r} has invalid data offsets {offsets!r}")
-        entry = TensorEntry(name, _DTYPE_NAMES[dtype_str], tuple(shape))
-        if offsets[1] - offsets[0] != entry.nbytes:
+        dtype = _DTYPE_NAMES.get(dtype_str) if type(dtype_str) is str else None
+        if dtype is None:
+            raise AdapterError(f"{path}: tensor {name!r} has unsupported dtype {_short(dtype_str)}")
+        if not _is_counts(shape):
+            raise AdapterError(f"{path}: tensor {name!r} has an invalid shape {_short(shape)}")
+        numel = math.prod(shape)
+        if (math.prod(n for n in shape if n) if numel == 0 else numel) > INT64_MAX:  # torch's strides overflow
+            raise AdapterError(f"{path}: tensor {name!r} has a shape too large for int64 {_short(shape)}")
+        if not (_is_counts(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
+            raise AdapterError(f"{path}: tensor {name!r} has invalid data offsets {_short(offsets)}")
+        nbytes = numel * _ITEMSIZE[dtype]
+        if offsets[1] - offsets[0] != nbytes:
             raise AdapterError(
-                f"{path}: tensor {name!r} ({dtype_str}, shape {list(shape)}) needs {entry.nbytes} bytes "
+                f"{path}: tensor {name!r} ({dtype_str}, shape {list(shape)}) needs {nbytes} bytes "
                 f"but its offsets span {offsets[1] - offsets[0]}"
             )
         spans.append((offsets[0], offsets[1], name))
-        entries[name] = entry
+        entries[name] = TensorEntry(name, dtype, tuple(shape))
     return entries, spans
+
+
+def _short(value, limit: int = 80) -> str:
+    """A JSON value from a header, as much of it as a one-line message can take."""
+    try:
+        text = json.dumps(value)
+    except (ValueError, RecursionError):
+        text = type(value).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_spans(path: str, spans: list[tuple[int, int, str]], data_size: int) -> None:
@@ -184,45 +257,102 @@ def _check_spans(path: str, spans: list[tuple[int, int, str]], data_size: int) -
         )
 
 
-class SafetensorsReader:
-    """Validated, lazy access to one safetensors file: header first, then tensors on demand.
+_PREADV = hasattr(os, "preadv")
 
-    Tensors come from `safe_open`, which maps the file: every page read stays resident (and counted
-    as the process's memory) while its mapping lives, and a tensor written in place turns its pages
-    into private copies. So the mapping is renewed once `REMAP_BYTES` have been read through it,
-    and a big tensor gets a mapping of its own that dies with it: a file streamed tensor by tensor
-    costs about one tensor of memory, not the file.
+
+class SafetensorsReader:
+    """Validated, lazy access to one safetensors file: header first (parsed once), then tensors on
+    demand from their checked byte spans.
+
+    A small tensor is copied out of one open, unbuffered handle: nothing of the file stays mapped or
+    resident. A big one gets a mapping of just its own bytes that dies with the tensor, so a file
+    streamed tensor by tensor costs about one tensor of memory, never the file. (`safe_open` would
+    parse the whole header again on every open, which made files of many tiny tensors quadratic;
+    one handle kept open would keep every page it read resident.)
     """
 
-    REMAP_BYTES = 64 << 20
-    FAULT_AROUND_BYTES = 1 << 20
+    MAP_BYTES = 64 << 20  # tensors at least this big are mapped rather than copied
 
     def __init__(self, path: str | os.PathLike):
         self.header = read_header(path)
         self.path = self.header.path
-        self._handle = None
-        self._mapped = 0  # bytes read through the current handle
-
-    def _open(self):
-        try:
-            return safe_open(self.path, framework="pt", device="cpu")
-        except Exception as e:  # the header passed our checks; anything left is still the file's fault
-            raise AdapterError(f"{self.path}: cannot open safetensors file ({e})") from None
+        self._file: BinaryIO | None = None
+        self._lock = threading.Lock()  # one position for the shared handle
 
     def get(self, name: str) -> torch.Tensor:
-        size = self.header.tensors[name].nbytes
-        if size >= self.REMAP_BYTES:
-            return self._open().get_tensor(name)
-        # A page fault maps the pages around it too (read-around), so even a 4-byte alpha costs
-        # about this much resident memory.
-        cost = max(size, self.FAULT_AROUND_BYTES)
-        if self._handle is None or self._mapped + cost > self.REMAP_BYTES:
-            self._handle, self._mapped = self._open(), 0
-        self._mapped += cost
-        return self._handle.get_tensor(name)
+        entry = self.header.tensors[name]
+        start = self.header.offsets[name]
+        try:
+            if entry.nbytes >= self.MAP_BYTES:
+                return self._mapped(entry, start)
+            tensor = torch.empty(entry.shape, dtype=entry.dtype)
+            if entry.nbytes:
+                self._read_into(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), start)
+            return tensor
+        except OSError as e:
+            raise AdapterError(f"{self.path}: cannot read tensor {name!r} ({e.strerror or e})") from None
+
+    def get_many(self, names: list[str], gap_bytes: int = 4096) -> dict[str, torch.Tensor]:
+        """Several small tensors (alphas), each run of near neighbours in the file read at once; the
+        tensors of a run share its buffer."""
+        offsets, entries = self.header.offsets, self.header.tensors
+        order = sorted(set(names), key=offsets.__getitem__)
+        found: dict[str, torch.Tensor] = {}
+        i = 0
+        while i < len(order):
+            start = offsets[order[i]]
+            end, j = start + entries[order[i]].nbytes, i + 1
+            while j < len(order) and offsets[order[j]] - end <= gap_bytes and offsets[order[j]] + entries[order[j]].nbytes - start <= self.MAP_BYTES:
+                end = max(end, offsets[order[j]] + entries[order[j]].nbytes)
+                j += 1
+            if end - start >= self.MAP_BYTES:
+                found[order[i]] = self.get(order[i])
+                i += 1
+                continue
+            buffer = self.read_bytes(start, end - start)
+            for name in order[i:j]:
+                entry = entries[name]
+                found[name] = (torch.frombuffer(buffer, dtype=entry.dtype, count=entry.numel, offset=offsets[name] - start)
+                               .reshape(entry.shape) if entry.numel else torch.empty(entry.shape, dtype=entry.dtype))
+            i = j
+        return {name: found[name] for name in names}
+
+    def read_bytes(self, start: int, size: int) -> bytearray:
+        """`size` bytes of the file from `start` (spans of tensors the header gave)."""
+        buffer = bytearray(size)
+        self._read_into(memoryview(buffer), start)
+        return buffer
+
+    def _read_into(self, buffer: memoryview, start: int) -> None:
+        with self._lock:
+            if self._file is None:
+                self._file = open_regular_file(self.path)
+            done = 0
+            while done < len(buffer):
+                if _PREADV:  # positioned: one call, and the handle's position is never shared
+                    n = os.preadv(self._file.fileno(), [buffer[done:]], start + done)
+                else:
+                    self._file.seek(start + done)
+                    n = self._file.readinto(buffer[done:])
+                if not n:
+                    raise AdapterError(f"{self.path}: file ended early (was it changed while being read?)")
+                done += n
+
+    def _mapped(self, entry: TensorEntry, start: int) -> torch.Tensor:
+        with open_regular_file(self.path) as f:
+            if os.fstat(f.fileno()).st_size != self.header.file_size:  # reading past its end would crash
+                raise AdapterError(f"{self.path}: file changed size while being read")
+            begin = start - start % mmap.ALLOCATIONGRANULARITY
+            # A private (copy-on-write) mapping: writing into the tensor never touches the file.
+            mapping = mmap.mmap(f.fileno(), start + entry.nbytes - begin, offset=begin, access=mmap.ACCESS_COPY)
+        flat = torch.frombuffer(mapping, dtype=entry.dtype, count=entry.numel, offset=start - begin)
+        return flat.reshape(entry.shape)  # the tensor keeps the mapping alive, and only it
 
     def close(self) -> None:
-        self._handle = None
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
     def __enter__(self) -> SafetensorsReader:
         return self
@@ -234,6 +364,7 @@ class SafetensorsReader:
 def load_pickle_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a .ckpt/.pt/.bin/.pth file with `weights_only=True` (never arbitrary pickle)."""
     path = os.fspath(path)
+    open_regular_file(path).close()
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -252,9 +383,26 @@ def load_pickle_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 # Writing
 
 
+# A temporary file is named `.<output name>.<pid>.<random>.tmp`: the pid tells a live writer's file
+# from one a killed run left behind.
+TEMP_SUFFIX = ".tmp"
+_TEMP_NAME_EXTRA = 32  # bytes a temporary file's name adds to the output's
+NAME_MAX = 255  # bytes in one file name, on every common filesystem
+MAX_NAME_BYTES = NAME_MAX - _TEMP_NAME_EXTRA  # the longest output file name
+
+
 def check_output_path(path: str | os.PathLike, overwrite: bool) -> str:
-    """Fail early (before any work) if `path` exists and may not be replaced, or its folder is missing."""
+    """Fail early (before any work) if `path` exists and may not be replaced, its folder is missing, or
+    its name cannot be a file name."""
     path = os.fspath(path)
+    if "\0" in path:
+        raise AdapterError(f"{path!r}: output path contains a NUL character")
+    name = os.path.basename(path)
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        raise AdapterError(
+            f"{path}: output file name is too long ({len(name.encode('utf-8', 'surrogateescape'))} bytes; "
+            f"at most {MAX_NAME_BYTES})"
+        )
     if os.path.isdir(path):
         raise AdapterError(f"{path}: output path is a directory")
     if os.path.exists(path) and not overwrite:
@@ -265,6 +413,52 @@ def check_output_path(path: str | os.PathLike, overwrite: bool) -> str:
     return path
 
 
+def stale_temp_files(path: str | os.PathLike) -> list[str]:
+    """Temporary files for `path` that a killed run left behind (their writer is gone): what SIGKILL or a
+    power cut leaves, named so they never pile up unseen."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    prefix = "." + os.path.basename(path) + "."
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    stale = []
+    for name in sorted(names):
+        if name.startswith(prefix) and name.endswith(TEMP_SUFFIX):
+            pid = name[len(prefix) :].split(".", 1)[0]
+            if not (pid.isdigit() and _writer_alive(int(pid), os.path.join(folder, name))):
+                stale.append(os.path.join(folder, name))
+    return stale
+
+
+def _writer_alive(pid: int, temp: str) -> bool:
+    if os.name == "nt":  # os.kill would terminate the process there: go by the file's age instead
+        try:
+            return time.time() - os.path.getmtime(temp) < 600
+        except OSError:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def describe_stale(paths: list[str]) -> list[str]:
+    """One line per stale temporary file, for a command's summary."""
+    lines = []
+    for temp in paths:
+        try:
+            size = f"{os.path.getsize(temp) / 1e9:.2f} GB"
+        except OSError:
+            continue
+        lines.append(f"note: {temp} ({size}) is left from an interrupted write; delete it")
+    return lines
+
+
 class AtomicFile:
     """A temporary file next to `path` that becomes `path` only on `commit()`."""
 
@@ -272,22 +466,28 @@ class AtomicFile:
         self.path = check_output_path(path, overwrite)
         self.overwrite = overwrite
         self.folder = os.path.dirname(os.path.abspath(self.path))
-        fd, self.tmp = tempfile.mkstemp(
-            prefix="." + os.path.basename(self.path) + ".", suffix=".tmp", dir=self.folder
-        )
+        try:
+            fd, self.tmp = tempfile.mkstemp(
+                prefix=f".{os.path.basename(self.path)}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=self.folder
+            )
+        except OSError as e:
+            raise AdapterError(f"{self.path}: cannot create a file in {self.folder} ({e.strerror or e})") from None
         os.close(fd)
         os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
 
     def commit(self) -> None:
-        with open(self.tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        if os.path.exists(self.path) and not self.overwrite:  # appeared while we worked
-            raise AdapterError(f"{self.path}: output file appeared while writing (pass --overwrite to replace it)")
-        os.replace(self.tmp, self.path)
+        try:
+            with open(self.tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            if os.path.exists(self.path) and not self.overwrite:  # appeared while we worked
+                raise AdapterError(f"{self.path}: output file appeared while writing (pass --overwrite to replace it)")
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            raise AdapterError(f"{self.path}: cannot write ({e.strerror or e})") from None
         _fsync_dir(self.folder)
 
     def abort(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             os.remove(self.tmp)
 
 
@@ -371,9 +571,18 @@ class SafetensorsWriter:
 
     def __enter__(self) -> SafetensorsWriter:
         self._target = AtomicFile(self.path, self.overwrite)
-        # A large buffer batches the many small tensors of an adapter into few writes.
-        self._file = open(self._target.tmp, "wb", buffering=WRITE_BUFFER_BYTES)
-        self._file.write(self._header_bytes())
+        try:
+            # A large buffer batches the many small tensors of an adapter into few writes.
+            self._file = open(self._target.tmp, "wb", buffering=WRITE_BUFFER_BYTES)
+            self._file.write(self._header_bytes())
+        except BaseException as e:
+            if self._file is not None:
+                with contextlib.suppress(OSError):
+                    self._file.close()
+            self._target.abort()
+            if isinstance(e, OSError):
+                raise AdapterError(f"{self.path}: cannot write ({e.strerror or e})") from None
+            raise
         return self
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -415,18 +624,28 @@ class SafetensorsWriter:
             self._next, self._written = self._next + 1, 0
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        self._file.close()
-        if exc_type is not None:
-            self._target.abort()
-            return False
+        """Commit when every tensor was written; on any failure (a full disk, a file-size limit, an
+        error or a signal while writing) remove the temporary file, and say which file failed."""
+        committed = False
         try:
-            if self._next != len(self.layout):
-                how = "was only partly written" if self._written else "was never written"
-                raise AdapterError(f"{self.path}: tensor {self.layout[self._next].name!r} {how}")
-            self._target.commit()
-        except BaseException:
-            self._target.abort()
-            raise
+            try:
+                self._file.close()  # flushes the buffer: fails again on a full disk
+            except OSError:
+                if exc_type is None:
+                    raise
+            if exc_type is None:
+                if self._next != len(self.layout):
+                    how = "was only partly written" if self._written else "was never written"
+                    raise AdapterError(f"{self.path}: tensor {self.layout[self._next].name!r} {how}")
+                self._target.commit()
+                committed = True
+        except OSError as e:
+            raise AdapterError(f"{self.path}: cannot write ({e.strerror or e})") from None
+        finally:
+            if not committed:
+                self._target.abort()
+        if isinstance(exc, OSError):
+            raise AdapterError(f"{self.path}: cannot write ({exc.strerror or exc})") from None
         return False
 
 

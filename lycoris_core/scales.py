@@ -119,14 +119,23 @@ def _config_from_metadata(path: str, text: str) -> PeftConfig | None:
 
 def _make_config(where: str, config: Mapping) -> PeftConfig:
     def number(value, what) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise AdapterError(f"{where}: {what} is {value!r}, not a number")
-        return float(value)
+        try:
+            number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+        except OverflowError:  # an integer of hundreds of digits
+            number = math.nan
+        if not math.isfinite(number):
+            raise AdapterError(f"{where}: {what} is {str(value)[:40]!r}, not a finite number")
+        return number
 
     def patterns(name) -> dict[str, float]:
         value = config.get(name) or {}
         if not isinstance(value, dict):
             raise AdapterError(f"{where}: {name} is not a mapping")
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise AdapterError(f"{where}: {name} key {pattern[:60]!r} is not a regular expression ({e})") from None
         return {str(k): number(v, f"{name}[{k!r}]") for k, v in value.items()}
 
     r = number(config.get("r", 8), "r")  # PEFT's defaults: r 8, alpha 8

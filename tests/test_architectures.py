@@ -60,14 +60,27 @@ def test_part_rules():
 
 
 def test_kandinsky5_is_refused_with_a_reason(write_safetensors):
+    """Metadata naming Kandinsky 5 on keys no supported model has: refused, saying why."""
+    stem = "lora_unet_visual_transformer_blocks_0_self_attention_to_query"
     path = write_safetensors(
-        {"lora_unet_blocks_0_self_attn_q.lokr_w1": torch.randn(2, 2), "lora_unet_blocks_0_self_attn_q.lokr_w2": torch.randn(5, 5)},
+        {f"{stem}.lokr_w1": torch.randn(2, 2), f"{stem}.lokr_w2": torch.randn(5, 5)},
         metadata={"ss_base_model_version": "kandinsky5"},
     )
     adapter = read_adapter(path)
     assert adapter.architecture == "kandinsky5"
     with pytest.raises(AdapterError, match="Kandinsky 5 is not supported"):
-        make_plan(adapter, {"blocks.0.self_attn.q.weight": (10, 10)})
+        make_plan(adapter, {"visual_transformer_blocks.0.self_attention.to_query.weight": (10, 10)})
+
+
+def test_keys_win_over_metadata_naming_a_refused_model(write_safetensors):
+    """Metadata is a hint: a file whose every key is Wan's is Wan's, whatever ss_base_model_version says."""
+    path = write_safetensors(
+        {"lora_unet_blocks_0_self_attn_q.lokr_w1": torch.randn(2, 2), "lora_unet_blocks_0_self_attn_q.lokr_w2": torch.randn(5, 5)},
+        metadata={"ss_base_model_version": "kandinsky5"},
+    )
+    adapter = read_adapter(path)
+    assert adapter.architecture == "wan"
+    assert len(make_plan(adapter, {"blocks.0.self_attn.q.weight": (10, 10)}).patches) == 1
 
 
 def test_forced_architecture_must_agree_with_the_model():

@@ -49,8 +49,10 @@ def test_truncated_inside_header(write_safetensors, tmp_path):
 
 def test_corrupt_header(tmp_path):
     expect_error(raw_file(tmp_path, b'{"a": {"dtype": "F32", "sha'), "corrupt safetensors header")
-    expect_error(raw_file(tmp_path, b"[1, 2, 3]", name="list.safetensors"), "not a JSON object")
-    expect_error(raw_file(tmp_path, b"\xff\xfe{}", name="bin.safetensors"), "corrupt safetensors header")
+    expect_error(raw_file(tmp_path, b'{"a": [1, 2, 3]}', name="list.safetensors"), "entry 'a' is not an object")
+    expect_error(raw_file(tmp_path, b"{\xff\xfe}", name="bin.safetensors"), "corrupt safetensors header")
+    # A safetensors header is a JSON object: anything else is not a safetensors file at all.
+    expect_error(raw_file(tmp_path, b"[1, 2, 3]", name="array.safetensors"), "not a safetensors file")
 
 
 def test_oversized_header(tmp_path):
@@ -62,7 +64,7 @@ def test_oversized_header(tmp_path):
 def test_not_a_safetensors_file(tmp_path):
     text = tmp_path / "notes.safetensors"
     text.write_text("this is a text file, not tensors\n" * 4)
-    expect_error(text, "safetensors")
+    expect_error(text, "not a safetensors file")
     empty = tmp_path / "empty.safetensors"
     empty.write_bytes(b"")
     expect_error(empty, "not a safetensors file")

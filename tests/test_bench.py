@@ -33,6 +33,8 @@ TINY = suite.Profile(
     files_blocks=1,
     files_convert_bytes=1 << 20,
     files_runs=1,
+    files_tiny_tensors=300,
+    files_key_bytes=1 << 12,
     dim=64,
     ffn=96,
 )

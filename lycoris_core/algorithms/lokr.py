@@ -50,6 +50,8 @@ def weight_shape(shapes: Shapes) -> tuple:
     w1, w2 = _factor_shape(shapes, 1), _factor_shape(shapes, 2)
     if len(w1) != 2:
         raise ShapeError(f"w1 must be 2-D, got {list(w1)}")
+    if len(w2) < 2:
+        raise ShapeError(f"w2 must be at least 2-D, got {list(w2)}")
     return (w1[0] * w2[0], w1[1] * w2[1], *w2[2:])
 
 

@@ -31,6 +31,8 @@ def weight_shape(shapes: Shapes) -> tuple:
     up, down = require(shapes, "up"), require(shapes, "down")
     if "mid" in shapes:
         mid = require(shapes, "mid")
+        if len(up) < 2 or len(down) < 2:
+            raise ShapeError(f"up {list(up)} and down {list(down)} must be at least 2-D")
         if len(mid) < 3 or mid[0] != up[1] or mid[1] != down[0]:
             raise ShapeError(f"Tucker core mid {list(mid)} does not fit up {list(up)} and down {list(down)}")
         return (up[0], down[1], *mid[2:])
