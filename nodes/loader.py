@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import comfy.supported_models
 import comfy.utils
 from comfy_api.latest import io, ui
 
-from ..lycoris_core.architectures import SUPPORTED
+from ..lycoris_core.architectures import SUPPORTED, describe_architecture
+from ..lycoris_core.errors import AdapterError
+from ..lycoris_core.finite import check_strength
 from ..lycoris_core.loading import load_report, load_tensors, read_adapter_cached
 from ..lycoris_core.naming import is_text_encoder_stem
-from .common import CATEGORY, adapter_fingerprint, adapter_name_input, adapter_path, lokr_full_matrix_alpha_input, show_text
+from .common import (
+    CATEGORY,
+    adapter_fingerprint,
+    adapter_name_input,
+    adapter_path,
+    load_summary,
+    lokr_full_matrix_alpha_input,
+    show_text,
+    showing_failures,
+)
 from .patches import apply_plan, delegate_text_encoder, plan_on_model
 
 ARCHITECTURES = ["auto", *(a.id for a in SUPPORTED)]
@@ -16,6 +28,12 @@ MODES = ["patch", "bypass"]
 STRENGTH = dict(default=1.0, min=-100.0, max=100.0, step=0.01)
 MODEL_OUT = "The model with the adapter applied."
 REPORT_OUT = "What was applied: format, architecture, counts, unmatched modules."
+# The comfy.supported_models class of ComfyUI's model for each architecture (FramePack has none). Releases
+# before an architecture's class cannot load its models: a file for it then meets another model.
+COMFYUI_MODELS = {
+    "wan": "WAN21_T2V", "hunyuan_video": "HunyuanVideo", "hunyuan_video_1_5": "HunyuanVideo15", "flux": "Flux",
+    "flux2": "Flux2", "qwen_image": "QwenImage", "z_image": "ZImage",
+}
 
 
 def _shared_inputs() -> list:
@@ -34,10 +52,35 @@ def _shared_inputs() -> list:
     ]
 
 
+def _comfyui_version() -> str:
+    try:
+        from comfyui_version import __version__  # a module in ComfyUI's root folder (releases before it have none)
+    except ImportError:
+        return "unknown"
+    return __version__
+
+
+def _plan(adapter, model, architecture: str):
+    """The plan on `model`. Where it fails and the file (or the asked architecture) is for a model this ComfyUI
+    release has no class for, the error says so: that, not the model at hand, is what the user has to change."""
+    try:
+        return plan_on_model(adapter, model, architecture)
+    except AdapterError as e:
+        wanted = adapter.architecture if architecture == "auto" else architecture
+        name = COMFYUI_MODELS.get(wanted)
+        if name is None or hasattr(comfy.supported_models, name):
+            raise
+        raise AdapterError(f"{e}; this ComfyUI ({_comfyui_version()}) has no {describe_architecture(wanted)} model "
+                           f"(comfy.supported_models.{name}): a newer ComfyUI is needed") from e
+
+
 def _load(model, clip, lora_name, strength_model, strength_clip, architecture, mode, lokr_full_matrix_alpha):
     """(model, clip, report): plan against the model's weight names, then patch or hook. Raises on any problem."""
-    adapter = read_adapter_cached(adapter_path(lora_name), lokr_full_matrix_alpha=lokr_full_matrix_alpha)
-    plan = plan_on_model(adapter, model, architecture)
+    path = adapter_path(lora_name)
+    strength_model = check_strength(strength_model, path)  # the API takes any number, NaN included
+    strength_clip = check_strength(strength_clip, path)
+    adapter = read_adapter_cached(path, lokr_full_matrix_alpha=lokr_full_matrix_alpha)
+    plan = _plan(adapter, model, architecture)
     notes, delegated = [], {}
     if clip is not None and strength_clip != 0:
         clip, delegated = delegate_text_encoder(clip, plan, strength_clip)
@@ -62,7 +105,7 @@ class LycorisLoaderModelOnly(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LycorisLoaderModelOnly",
-            display_name="Load LyCORIS (LoHa/LoKr) Model Only",
+            display_name="Load LyCORIS Model Only",
             category=CATEGORY,
             description="Applies a LoHa, LoKr or LoRA file (Musubi Tuner, Diffusers, LyCORIS or ComfyUI layout) to a "
             "diffusion model, split q/k/v onto fused weights included. Chain several to stack them.",
@@ -83,8 +126,9 @@ class LycorisLoaderModelOnly(io.ComfyNode):
     @classmethod
     def execute(cls, model, lora_name, strength_model, architecture="auto", mode="patch",
                 lokr_full_matrix_alpha=False) -> io.NodeOutput:
-        model, _, report = _load(model, None, lora_name, strength_model, 0.0, architecture, mode, lokr_full_matrix_alpha)
-        show_text(cls, report)
+        with showing_failures(cls):
+            model, _, report = _load(model, None, lora_name, strength_model, 0.0, architecture, mode, lokr_full_matrix_alpha)
+        show_text(cls, load_summary(report))
         return io.NodeOutput(model, report, ui=ui.PreviewText(report))
 
     @classmethod
@@ -97,7 +141,7 @@ class LycorisLoader(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LycorisLoader",
-            display_name="Load LyCORIS (LoHa/LoKr)",
+            display_name="Load LyCORIS + CLIP",
             category=CATEGORY,
             description="Applies a LoHa, LoKr or LoRA file to a diffusion model and, for the file's text-encoder "
             "modules (kohya lora_te* keys), to the CLIP through ComfyUI's own LoRA loader.",
@@ -123,9 +167,10 @@ class LycorisLoader(io.ComfyNode):
     @classmethod
     def execute(cls, model, lora_name, strength_model, strength_clip, clip=None, architecture="auto", mode="patch",
                 lokr_full_matrix_alpha=False) -> io.NodeOutput:
-        model, clip, report = _load(model, clip, lora_name, strength_model, strength_clip, architecture, mode,
-                                    lokr_full_matrix_alpha)
-        show_text(cls, report)
+        with showing_failures(cls):
+            model, clip, report = _load(model, clip, lora_name, strength_model, strength_clip, architecture, mode,
+                                        lokr_full_matrix_alpha)
+        show_text(cls, load_summary(report))
         return io.NodeOutput(model, clip, report, ui=ui.PreviewText(report))
 
     @classmethod

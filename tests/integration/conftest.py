@@ -7,16 +7,14 @@ Models are ComfyUI's own classes (`comfy.supported_models` configs) at the Musub
 (hidden 10, one head, two blocks of each kind): every adapted layer has the fixture's shape.
 
 Older ComfyUI releases lack some of those classes (0.3.64 has no FLUX.2, Z-Image or HunyuanVideo 1.5).
-Every test reaches a model class through `ComfyEnv.model_class` (`build`, `model`, `config` use it), which
-skips the test that needs a missing one, naming the class and the ComfyUI version; nothing else checks
-versions.
+Tests that need one are not collected there (`comfyui_host.having_model` builds their parameter lists),
+so reaching a missing class or a missing model option here is a failure, never a skip.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib
-import os
 import re
 import sys
 from pathlib import Path
@@ -24,51 +22,50 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from comfyui_host import REPO, comfyui_version, require_comfyui
+from comfyui_host import MODEL_CLASSES, REPO, comfyui_version, host_comfyui
 from helpers import MUSUBI, comfy_location, module_paths
 
-# What the skip reason calls a `comfy.supported_models` class (the class name where not listed).
-MODEL_TITLES = {"HunyuanVideo15": "HunyuanVideo 1.5", "Flux2": "FLUX.2", "ZImage": "Z-Image"}
 OFF = (False, None, [], ())  # values of a unet_config option that mean "without the feature"
 
 
 def _tiny_configs() -> dict:
     """ComfyUI config class name and unet_config per architecture, fixture-sized (see notes in comfy_models.md)."""
     h, rope = 10, [2, 4, 4]  # rope axes sum to the head dim (10), each even
-    return {
-        "wan": ("WAN21_I2V", dict(
+    configs = {
+        "wan": dict(
             image_model="wan2.1", model_type="i2v", dim=h, num_heads=1, ffn_dim=4 * h, num_layers=2, in_dim=36,
             out_dim=4, text_dim=8, freq_dim=8, patch_size=(1, 2, 2), window_size=(-1, -1), qk_norm=True,
-            cross_attn_norm=True, eps=1e-6)),
-        "hunyuan_video": ("HunyuanVideo", dict(
+            cross_attn_norm=True, eps=1e-6),
+        "hunyuan_video": dict(
             image_model="hunyuan_video", in_channels=4, out_channels=4, patch_size=[1, 2, 2], vec_in_dim=8,
             context_in_dim=8, hidden_size=h, mlp_ratio=4.0, num_heads=1, depth=2, depth_single_blocks=2,
             axes_dim=rope, theta=256, qkv_bias=True, guidance_embed=True, byt5=False, meanflow=False,
-            use_cond_type_embedding=False, vision_in_dim=None, meanflow_sum=False)),
-        "hunyuan_video_1_5": ("HunyuanVideo15", dict(
+            use_cond_type_embedding=False, vision_in_dim=None, meanflow_sum=False),
+        "hunyuan_video_1_5": dict(
             image_model="hunyuan_video", in_channels=9, out_channels=4, patch_size=[1, 1, 1], vec_in_dim=None,
             context_in_dim=8, hidden_size=h, mlp_ratio=4.0, num_heads=1, depth=2, depth_single_blocks=0,
             axes_dim=rope, theta=256, qkv_bias=True, guidance_embed=False, byt5=True, meanflow=False,
-            use_cond_type_embedding=True, vision_in_dim=8, meanflow_sum=True)),
-        "flux": ("Flux", dict(
+            use_cond_type_embedding=True, vision_in_dim=8, meanflow_sum=True),
+        "flux": dict(
             image_model="flux", in_channels=1, out_channels=1, vec_in_dim=8, context_in_dim=8, hidden_size=h,
             mlp_ratio=4.0, num_heads=1, depth=2, depth_single_blocks=2, axes_dim=rope, theta=10000, patch_size=2,
-            qkv_bias=True, guidance_embed=True, txt_ids_dims=[], yak_mlp=False, txt_norm=False)),
-        "flux2": ("Flux2", dict(
+            qkv_bias=True, guidance_embed=True, txt_ids_dims=[], yak_mlp=False, txt_norm=False),
+        "flux2": dict(
             image_model="flux2", in_channels=4, out_channels=4, vec_in_dim=None, context_in_dim=8, hidden_size=h,
             mlp_ratio=3.0, num_heads=1, depth=2, depth_single_blocks=2, axes_dim=[2, 2, 2, 4], theta=2000,
             patch_size=1, qkv_bias=False, guidance_embed=False, txt_ids_dims=[3], global_modulation=True,
             mlp_silu_act=True, ops_bias=False, default_ref_method="index", ref_index_scale=10.0, yak_mlp=False,
-            txt_norm=False)),
-        "qwen_image": ("QwenImage", dict(
+            txt_norm=False),
+        "qwen_image": dict(
             image_model="qwen_image", in_channels=4, out_channels=4, num_layers=2, attention_head_dim=h,
-            num_attention_heads=1, joint_attention_dim=8, axes_dims_rope=(2, 4, 4))),
-        "z_image": ("ZImage", dict(
+            num_attention_heads=1, joint_attention_dim=8, axes_dims_rope=(2, 4, 4)),
+        "z_image": dict(
             image_model="lumina2", dim=h, patch_size=2, in_channels=4, cap_feat_dim=8, n_layers=2, n_refiner_layers=1,
             n_heads=1, n_kv_heads=1, multiple_of=1, ffn_dim_multiplier=8.0 / 3.0, qk_norm=True, axes_dims=rope,
             axes_lens=[64, 64, 64], rope_theta=256.0, z_image_modulation=True, time_scale=1000.0,
-            pad_tokens_multiple=32)),
+            pad_tokens_multiple=32),
     }
+    return {arch: (MODEL_CLASSES[arch], unet_config) for arch, unet_config in configs.items()}
 
 
 class ComfyEnv:
@@ -100,15 +97,16 @@ class ComfyEnv:
         return self.nodes.NODE_CLASS_MAPPINGS[node_id]()
 
     def model_class(self, name: str) -> type:
-        """`comfy.supported_models.<name>`; skips the calling test when this ComfyUI release has no such class."""
+        """`comfy.supported_models.<name>`. A test that needs a class this ComfyUI lacks is not collected here
+        (`comfyui_host.having_model`), so reaching one fails."""
         cls = getattr(self.comfy.supported_models, name, None)
         if cls is None:
-            pytest.skip(f"ComfyUI {self.version} has no {MODEL_TITLES.get(name, name)} model "
-                        f"(comfy.supported_models.{name})")
+            pytest.fail(f"ComfyUI {self.version} has no comfy.supported_models.{name}: a test for that model was "
+                        f"collected without comfyui_host.having_model")
         return cls
 
     def config(self, arch: str) -> tuple[type, dict]:
-        """(ComfyUI config class, fixture-sized unet_config) of `arch`; skips when ComfyUI lacks the class."""
+        """(ComfyUI config class, fixture-sized unet_config) of `arch`."""
         name, unet_config = self.configs[arch]
         return self.model_class(name), unet_config
 
@@ -117,7 +115,7 @@ class ComfyEnv:
 
         Options newer than the running ComfyUI (its model class refuses the keyword) are left out where
         the test sets them off (False, None, empty: the older model simply lacks the feature); a test that
-        turns one on is skipped, naming the option and the ComfyUI version.
+        turns one on is collected only where the model takes it, so that fails.
         """
         unet_config = dict(unet_config)
         while True:
@@ -127,15 +125,9 @@ class ComfyEnv:
                 return config.get_model({}, "")
             except TypeError as e:
                 found = re.search(r"unexpected keyword argument '(\w+)'", str(e))
-                if found is None or found[1] not in unet_config:
+                if found is None or found[1] not in unet_config or unet_config[found[1]] not in OFF:
                     raise
-                option = found[1]
-                if unet_config[option] not in OFF:
-                    title = MODEL_TITLES.get(config_cls.__name__, config_cls.__name__)
-                    pytest.skip(f"ComfyUI {self.version}'s {title} model (comfy.supported_models."
-                                f"{config_cls.__name__}) has no option {option}, which this test sets to "
-                                f"{unet_config[option]!r}")
-                del unet_config[option]
+                del unet_config[found[1]]
 
     @staticmethod
     def fixture_names(model_keys) -> dict[str, str]:
@@ -188,14 +180,7 @@ class ComfyEnv:
 
 @pytest.fixture(scope="session")
 def comfy_env():
-    root = require_comfyui()
-    # Host ComfyUI as main.py does: its root first on sys.path; this pack's folder not on it at all.
-    sys.path[:] = [str(root)] + [p for p in sys.path if Path(p or os.getcwd()).resolve() not in (REPO, root)]
-    try:
-        cli_args = importlib.import_module("comfy.cli_args")
-    except ImportError as e:
-        pytest.skip(f"ComfyUI at {root} cannot be imported with {sys.executable}: {e}")
-    cli_args.args.cpu = True  # before comfy.model_management decides the device
+    root = host_comfyui()  # usually done already, by the test modules' parameter lists at collection
     # Tiny tensors: one thread is ~1000x faster per op than several threads contending on a shared machine.
     torch.set_num_threads(1)
     return ComfyEnv(root)

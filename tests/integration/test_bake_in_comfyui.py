@@ -7,14 +7,15 @@ import importlib
 
 import pytest
 import torch
-from comfyui_host import require_comfyui
+from comfyui_host import having_model, require_comfyui
 from helpers import MUSUBI, adapter_entries, expected_weights, rel_err
 from safetensors.torch import load_file
 
 require_comfyui()  # skips this module, with the reason, when there is no ComfyUI
 
 ENTRY = {e["file"]: e for e in adapter_entries()}
-CASES = ["z_image_loha_r4_a2.safetensors", "wan_lokr_r3_a2.safetensors", "hunyuan_video_1_5_loha_r4_a2.safetensors"]
+CASES = having_model(["z_image_loha_r4_a2.safetensors", "wan_lokr_r3_a2.safetensors", "hunyuan_video_1_5_loha_r4_a2.safetensors"],
+                     lambda name: ENTRY[name]["arch_id"])
 
 
 def save_with_model_save(env, model, folder) -> dict[str, torch.Tensor]:
@@ -61,12 +62,13 @@ def test_bypass_mode_report_says_the_weights_stay_untouched(comfy_env):
     assert "weights       untouched" in report and "ModelSave" in report and "patch mode bakes it" in report
 
 
-def test_a_model_saved_by_comfyui_is_a_merge_base(comfy_env, tmp_path):
-    """What ModelSave writes (HunyuanVideo 1.5 under `model.model.`) is a base `merge` maps onto."""
-    entry = ENTRY["hunyuan_video_1_5_lokr_r3_a2.safetensors"]
+@pytest.mark.parametrize("arch", having_model(["hunyuan_video", "hunyuan_video_1_5"]))
+def test_a_model_saved_by_comfyui_is_a_merge_base(comfy_env, tmp_path, arch):
+    """What ModelSave writes (HunyuanVideo and HunyuanVideo 1.5 under `model.model.`) is a base `merge` maps onto."""
+    entry = ENTRY[f"{arch}_lokr_r3_a2.safetensors"]
     expected = expected_weights(entry)
-    mp = comfy_env.build("hunyuan_video_1_5", seed=12)
-    where = comfy_env.set_base(mp, "hunyuan_video_1_5", expected)
+    mp = comfy_env.build(arch, seed=12)
+    where = comfy_env.set_base(mp, arch, expected)
     folder = tmp_path / "saved"
     folder.mkdir()
     save_with_model_save(comfy_env, mp, folder)
@@ -74,7 +76,7 @@ def test_a_model_saved_by_comfyui_is_a_merge_base(comfy_env, tmp_path):
     out = tmp_path / "merged.safetensors"
     merge = importlib.import_module(comfy_env.pack.__name__ + ".lycoris_core.merge").merge
     result = merge(base, out, [(MUSUBI / entry["file"], 1.0)], progress=False)
-    assert not result.plans[0].unmatched and result.plans[0].architecture == "hunyuan_video_1_5"
+    assert not result.plans[0].unmatched and result.plans[0].architecture == arch
     merged = load_file(str(out))
     for path, (key, rows) in where.items():
         assert rel_err(merged["model.model." + key[len("diffusion_model."):]][rows], expected[f"merged/1.0/{path}.weight"]) <= 1e-5

@@ -73,3 +73,12 @@ def test_errors_are_node_errors_and_write_nothing(comfy_env, output_dir):
         convert(comfy_env, lora_name=SOURCE, to="comfyui", prefix="diffusion_model", architecture="flux",
                 output_name="wrong", overwrite=False)
     assert os.listdir(output_dir / "loras") == []
+
+
+@pytest.mark.parametrize("name", ["a\0b", "x" * 240, "sub/" + "y" * 300 + "/z"])
+def test_output_names_that_cannot_be_files_are_node_errors(comfy_env, output_dir, name):
+    """A NUL byte or a name longer than a file name may be: an AdapterError the UI shows, not an OSError."""
+    with pytest.raises(comfy_env.core.AdapterError, match="output name"):
+        convert(comfy_env, lora_name=SOURCE, to="comfyui", prefix="diffusion_model", architecture="auto",
+                output_name=name, overwrite=False)
+    assert os.listdir(output_dir / "loras") == []

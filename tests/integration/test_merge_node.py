@@ -98,3 +98,13 @@ def test_refuses_to_overwrite_and_bad_lines(comfy_env, folders):
     with pytest.raises(comfy_env.core.AdapterError, match="Wan 2.1/2.2.*FLUX|FLUX.*Wan 2.1/2.2"):
         bake(comfy_env, **dict(inputs, output_name="other", lora_name="flux_kontext_lokr_r3_a2.safetensors"))
     assert not (output / "diffusion_models" / "other.safetensors").exists()
+
+
+@pytest.mark.parametrize("line", ["{lokr}:nan", "{lokr}:inf", "{lokr}:1e39"])
+def test_strengths_from_the_text_list_are_checked(comfy_env, folders, line):
+    """The extra adapters' strengths come as text, past the strength widget's bounds."""
+    _, output = folders
+    with pytest.raises(comfy_env.core.AdapterError, match="strength"):
+        bake(comfy_env, unet_name="wan_tiny.safetensors", lora_name=LOKR["file"], strength=1.0, output_name="odd",
+             more_adapters=line.format(lokr=LOKR["file"]))
+    assert not (output / "diffusion_models" / "odd.safetensors").exists()

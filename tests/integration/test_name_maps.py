@@ -17,13 +17,15 @@ must resolve through the pack's naming, or the test fails with the list of modul
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import inspect
 import json
 import re
 import time
 
 import pytest
 import torch
-from comfyui_host import require_comfyui
+from comfyui_host import having_model, host_comfyui, require_comfyui
 from helpers import WILD, rel_err
 
 require_comfyui()  # skips this module, with the reason, when there is no ComfyUI
@@ -56,6 +58,13 @@ class Run:
     tolerance: float = TOLERANCE
 
 
+def qwen_image_takes(option: str) -> bool:
+    """Whether the running ComfyUI's Qwen-Image model takes `option` (use_additional_t_cond: not 0.3.64's)."""
+    host_comfyui()
+    model = importlib.import_module("comfy.ldm.qwen_image.model").QwenImageTransformer2DModel
+    return option in inspect.signature(model).parameters
+
+
 RUNS = [
     Run("wan_t2v", "wan"),
     # image_dim/added_kv_proj_dim add the image embedder and cross-attention's k_img/v_img
@@ -70,9 +79,9 @@ RUNS = [
     Run("flux", "flux"),
     Run("flux2", "flux2", d=dict(guidance_embeds=True, num_layers=2, num_single_layers=2),
         c=dict(guidance_embed=True, depth=2, depth_single_blocks=2)),
-    # addition_t_embedding; two blocks, as for HunyuanVideo 1.5
-    Run("qwen_image", "qwen_image", d=dict(use_additional_t_cond=True, num_layers=2),
-        c=dict(use_additional_t_cond=True, num_layers=2)),
+    # addition_t_embedding; two blocks, as for HunyuanVideo 1.5. Only where ComfyUI's model has the option.
+    *([Run("qwen_image", "qwen_image", d=dict(use_additional_t_cond=True, num_layers=2),
+           c=dict(use_additional_t_cond=True, num_layers=2))] if qwen_image_takes("use_additional_t_cond") else []),
     # the same without it: ComfyUI releases before the option (0.3.64) still prove the other names
     Run("qwen_image_without_t_cond", "qwen_image", d=dict(num_layers=2), c=dict(num_layers=2)),
     # Below width 1024 the two timestep embedders have different shapes (Diffusers 256 -> 1024 ->
@@ -82,7 +91,7 @@ RUNS = [
     Run("z_image", "z_image", d=dict(dim=1024, n_heads=64, n_kv_heads=64, axes_dims=[4, 6, 6], n_layers=2),
         c=dict(dim=1024, n_heads=64, n_kv_heads=64, axes_dims=[4, 6, 6], n_layers=2), tolerance=3e-5),
 ]
-RUN = {run.id: run for run in RUNS}
+RUN = {run.id: run for run in having_model(RUNS, lambda run: run.arch)}
 
 
 # -- the two models ---------------------------------------------------------------------------------
@@ -94,7 +103,7 @@ def models(comfy_env, run: Run):
     """(Diffusers model with seeded random weights, ComfyUI model), built once per run."""
     if run.id not in _built:
         spec = MODELS[run.arch]
-        config_cls = comfy_env.model_class(run.comfy_class or spec["comfyui_class"])  # skips where ComfyUI lacks it
+        config_cls = comfy_env.model_class(run.comfy_class or spec["comfyui_class"])
         torch.manual_seed(spec["seed"])
         dm = getattr(diffusers, spec["diffusers_class"])(**{**spec["diffusers_config"], **run.d}).eval()
         gen = torch.Generator().manual_seed(spec["seed"])

@@ -8,13 +8,21 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from comfyui_host import require_comfyui
+from comfyui_host import having_model, require_comfyui
 from helpers import MUSUBI, adapter_entries, expected_weights, rel_err
 from safetensors.torch import save_file
 
 require_comfyui()  # skips this module, with the reason, when there is no ComfyUI
 
 ENTRY = {e["file"]: e for e in adapter_entries()}
+# Split q, k and v modules on row slices of one fused ComfyUI weight: (stem, that weight) of block `n`, `p` one of
+# q, k, v. Z-Image in Musubi's names where the running ComfyUI has the model, FLUX.1 in SimpleTuner's
+# (`lycoris_` + Diffusers' names) on every release. Both weights are (30, 10): q, k, v are rows 0-10, 10-20, 20-30.
+SPLIT_QKV = {
+    "z_image": ("lora_unet_layers_{n}_attention_to_{p}", "diffusion_model.layers.{n}.attention.qkv.weight"),
+    "flux": ("lycoris_transformer_blocks_{n}_attn_to_{p}", "diffusion_model.double_blocks.{n}.img_attn.qkv.weight"),
+}
+SPLIT_ARCHS = having_model(list(SPLIT_QKV))
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +43,17 @@ def loha(stem, out_features, in_features, gen, rank=2) -> dict[str, torch.Tensor
             f"{stem}.hada_w1_b": torch.randn(rank, in_features, generator=gen),
             f"{stem}.hada_w2_a": torch.randn(out_features, rank, generator=gen),
             f"{stem}.hada_w2_b": torch.randn(rank, in_features, generator=gen), f"{stem}.alpha": torch.tensor(1.0)}
+
+
+def split_qkv_lokr(lora_dir, arch, gen) -> tuple[str, str, torch.Tensor]:
+    """(file, fused weight, its ΔW): full-matrix LoKr q, k and v of block 0 (no alpha: scale 1, ΔW = w1 ⊗ w2)."""
+    stem, key = SPLIT_QKV[arch]
+    tensors, parts = {}, []
+    for p in "qkv":
+        w1, w2 = torch.randn(2, 2, generator=gen), torch.randn(5, 5, generator=gen)
+        tensors.update({f"{stem.format(n=0, p=p)}.lokr_w1": w1, f"{stem.format(n=0, p=p)}.lokr_w2": w2})
+        parts.append(torch.kron(w1, w2))
+    return write(lora_dir, f"{arch}_split_qkv.safetensors", tensors), key.format(n=0), torch.cat(parts)
 
 
 def fixture_tensors(comfy_env, name):
@@ -101,6 +120,9 @@ def test_errors_name_the_problem_and_leave_the_model_alone(comfy_env, lora_dir):
         node.execute(model=mp, lora_name=misfit, strength_model=1.0)
     with pytest.raises(FileNotFoundError):
         node.execute(model=mp, lora_name="not_there.safetensors", strength_model=1.0)
+    for strength in (float("nan"), float("inf"), 1e39):  # the API takes any number; the widget's bounds do not apply
+        with pytest.raises(ValueError, match="strength"):
+            node.execute(model=mp, lora_name="wan_lokr_r3_a2.safetensors", strength_model=strength)
     assert not mp.patches and not mp.injections
 
 
@@ -171,27 +193,26 @@ def test_text_encoder_modules_go_to_comfyui_core_and_the_report_says_so(comfy_en
     assert none_clip is None and model.patches
 
 
-def test_weight_patch_keeps_all_state_in_weights_for_comfyui_memory_management(comfy_env):
-    """ComfyUI rebuilds adapters as type(a)(loaded_keys, weights) with moved tensors and counts their memory."""
-    entry = ENTRY["z_image_lokr_r3_a2.safetensors"]
-    expected = expected_weights(entry)
-    mp = comfy_env.model("z_image")
-    where = comfy_env.set_base(mp, "z_image", expected)
-    patched, _ = run(comfy_env, "LycorisLoaderModelOnly", model=mp, lora_name=entry["file"], strength_model=1.0)
-    key = "diffusion_model.layers.0.attention.qkv.weight"
+@pytest.mark.parametrize("arch", SPLIT_ARCHS)
+def test_weight_patch_keeps_all_state_in_weights_for_comfyui_memory_management(comfy_env, lora_dir, arch):
+    """ComfyUI rebuilds adapters as type(a)(loaded_keys, weights) with moved tensors and counts their memory
+    (releases with dynamic VRAM; 0.3.64 does neither and uses the patches as they are)."""
+    name, key, delta = split_qkv_lokr(lora_dir, arch, torch.Generator().manual_seed(9))
+    mp = comfy_env.model(arch)
+    patched, _ = run(comfy_env, "LycorisLoaderModelOnly", model=mp, lora_name=name, strength_model=1.0, architecture=arch)
     patches = patched.patches[key]
     assert len(patches) == 3 and sorted(p[3] for p in patches) == [(0, 0, 10), (0, 10, 10), (0, 20, 10)]
     lora = comfy_env.comfy.lora
-    rebuilt = [(p[0], lora.prefetch_prepared_value(p[1], [0], None, None, False), *p[2:]) for p in patches]
-    assert all(type(r[1]) is type(p[1]) and r[1] is not p[1] for r, p in zip(rebuilt, patches))
-    tensor_bytes = sum(t.numel() * t.element_size() for p in patches for t in p[1].weights if isinstance(t, torch.Tensor))
+    rebuilt = patches
+    if hasattr(lora, "prefetch_prepared_value"):
+        rebuilt = [(p[0], lora.prefetch_prepared_value(p[1], [0], None, None, False), *p[2:]) for p in patches]
+        assert all(type(r[1]) is type(p[1]) and r[1] is not p[1] for r, p in zip(rebuilt, patches))
     low_vram = comfy_env.comfy.model_patcher.LowVramPatch(key, patched.patches)
-    assert low_vram.memory_required() >= tensor_bytes > 0
+    if hasattr(low_vram, "memory_required"):
+        tensor_bytes = sum(t.numel() * t.element_size() for p in patches for t in p[1].weights if isinstance(t, torch.Tensor))
+        assert low_vram.memory_required() >= tensor_bytes > 0
     base = comfy_env.comfy.utils.get_attr(mp.model, key).detach()
-    want = base.clone()
-    for path, (k, rows) in where.items():
-        if k == key:
-            want[rows] = expected[f"merged/1.0/{path}.weight"]
+    want = base + delta
     got = lora.calculate_weight(rebuilt, base.clone(), key)
     assert rel_err(got, want) <= 1e-5
     half = lora.calculate_weight(rebuilt, base.to(torch.float16), key, intermediate_dtype=torch.float16)
@@ -224,19 +245,22 @@ def test_lokr_full_matrix_alpha_option(comfy_env, lora_dir):
         patched.unpatch_model()
 
 
-def test_dora_on_a_fused_slice_bypass_equals_patch(comfy_env, lora_dir):
+@pytest.mark.parametrize("arch", SPLIT_ARCHS)
+def test_dora_on_a_fused_slice_bypass_equals_patch(comfy_env, lora_dir, arch):
     gen = torch.Generator().manual_seed(6)
+    stem, key = SPLIT_QKV[arch]
     tensors = {}
-    for stem, dora_shape in (("lora_unet_layers_0_attention_to_k", (10, 1)), ("lora_unet_layers_1_attention_to_v", (1, 10))):
-        tensors.update(loha(stem, 10, 10, gen))  # DoRA per output row, then per input column
-        tensors[f"{stem}.dora_scale"] = torch.rand(dora_shape, generator=gen) + 0.5
-    name = write(lora_dir, "z_image_dora.safetensors", tensors, {"ss_base_model_version": "z_image"})
-    mp = comfy_env.model("z_image")
-    keys = ["diffusion_model.layers.0.attention.qkv.weight", "diffusion_model.layers.1.attention.qkv.weight"]
+    for n, p, dora_shape in ((0, "k", (10, 1)), (1, "v", (1, 10))):  # DoRA per output row, then per input column
+        tensors.update(loha(stem.format(n=n, p=p), 10, 10, gen))
+        tensors[f"{stem.format(n=n, p=p)}.dora_scale"] = torch.rand(dora_shape, generator=gen) + 0.5
+    name = write(lora_dir, f"{arch}_dora.safetensors", tensors)
+    mp = comfy_env.model(arch)
+    keys = [key.format(n=0), key.format(n=1)]
     x = torch.randn(2, 5, 10)
     outputs = {}
     for mode in ("patch", "bypass"):
-        patched, report = run(comfy_env, "LycorisLoaderModelOnly", model=mp, lora_name=name, strength_model=0.8, mode=mode)
+        patched, report = run(comfy_env, "LycorisLoaderModelOnly", model=mp, lora_name=name, strength_model=0.8, mode=mode,
+                              architecture=arch)
         assert "2 loha, 2 with DoRA" in report
         outputs[mode] = layer_outputs(comfy_env, patched, keys, x)
     base = layer_outputs(comfy_env, mp, keys, x)
@@ -261,18 +285,13 @@ def test_inspect_node_refuses_a_broken_file(comfy_env, lora_dir):
         run(comfy_env, "LycorisInspect", lora_name="truncated.safetensors", max_modules=1)
 
 
-def test_low_vram_patches_apply_our_patch_in_the_forward_pass(comfy_env):
+@pytest.mark.parametrize("arch", SPLIT_ARCHS)
+def test_low_vram_patches_apply_our_patch_in_the_forward_pass(comfy_env, lora_dir, arch):
     """With too little memory ComfyUI leaves weights alone and patches each one as it is used (LowVramPatch)."""
-    entry = ENTRY["z_image_lokr_r3_a2.safetensors"]
-    expected = expected_weights(entry)
-    mp = comfy_env.model("z_image")
-    where = comfy_env.set_base(mp, "z_image", expected)
-    patched, _ = run(comfy_env, "LycorisLoaderModelOnly", model=mp, lora_name=entry["file"], strength_model=0.5)
-    key = "diffusion_model.layers.0.attention.qkv.weight"
-    want = comfy_env.comfy.utils.get_attr(mp.model, key).detach().clone()
-    for path, (k, rows) in where.items():
-        if k == key:
-            want[rows] = expected[f"merged/0.5/{path}.weight"]
+    name, key, delta = split_qkv_lokr(lora_dir, arch, torch.Generator().manual_seed(10))
+    mp = comfy_env.model(arch)
+    patched, _ = run(comfy_env, "LycorisLoaderModelOnly", model=mp, lora_name=name, strength_model=0.5, architecture=arch)
+    want = comfy_env.comfy.utils.get_attr(mp.model, key).detach() + 0.5 * delta
     layer = comfy_env.comfy.utils.get_attr(patched.model, key[: -len(".weight")])
     x = torch.randn(2, 10)
     with torch.inference_mode():  # as ComfyUI executes nodes
@@ -283,7 +302,8 @@ def test_low_vram_patches_apply_our_patch_in_the_forward_pass(comfy_env):
             assert torch.equal(layer.weight, comfy_env.comfy.utils.get_attr(mp.model, key))  # weight itself untouched
         finally:
             patched.unpatch_model()
-    assert rel_err(got, F.linear(x, want)) <= 1e-5
+    bias = None if layer.bias is None else layer.bias.detach()  # FLUX's qkv has one, Z-Image's not
+    assert rel_err(got, F.linear(x, want, bias)) <= 1e-5
 
 
 def test_bypass_is_exact_on_fp8_weights_where_patching_rounds(comfy_env):
