@@ -10,11 +10,18 @@ from comfy_api.latest import io, ui
 from ..convert import TARGETS, convert_file
 from ..convert.converter import DIFFUSERS_PREFIXES
 from ..lycoris_core.architectures import SUPPORTED
-from .common import CATEGORY, adapter_fingerprint, adapter_name_input, adapter_path, show_text
-from .outputs import named_output
+from .common import CATEGORY, adapter_fingerprint, adapter_name_input, adapter_path, show_text, showing_failures
+from .outputs import listed_name, named_output
 
 ARCHITECTURES = ["auto", *(a.id for a in SUPPORTED)]
 LAYOUTS = ["comfyui", *(t for t in TARGETS if t != "comfyui")]  # ComfyUI's own loader layout first
+
+
+def convert_summary(result) -> str:
+    """What the node shows: the file written and the counts (the whole summary is the ui text)."""
+    lines = [f"wrote {listed_name(result.output)}", f"in output/loras, {result.target} layout",
+             f"{result.modules_out} modules from {result.modules_in} ({result.source_format} layout)"]
+    return "\n".join(lines + [f"note: {note}" for note in result.notes])
 
 
 class LycorisConvert(io.ComfyNode):
@@ -62,14 +69,14 @@ class LycorisConvert(io.ComfyNode):
     @classmethod
     def execute(cls, lora_name, to="comfyui", prefix=DIFFUSERS_PREFIXES[0], architecture="auto", output_name="",
                 overwrite=False) -> io.NodeOutput:
-        source = adapter_path(lora_name)
-        name = output_name.strip() or f"{os.path.splitext(os.path.basename(lora_name))[0]}_{to}"
-        output = named_output(name, overwrite)
-        result = convert_file(source, output, to, prefix=prefix if to == "diffusers" else None,
-                              arch=None if architecture == "auto" else architecture, overwrite=overwrite)
-        summary = result.summary()
-        show_text(cls, summary)
-        return io.NodeOutput(result.output, ui=ui.PreviewText(summary))
+        with showing_failures(cls):
+            source = adapter_path(lora_name)
+            name = output_name.strip() or f"{os.path.splitext(os.path.basename(lora_name))[0]}_{to}"
+            output = named_output(name, overwrite)
+            result = convert_file(source, output, to, prefix=prefix if to == "diffusers" else None,
+                                  arch=None if architecture == "auto" else architecture, overwrite=overwrite)
+        show_text(cls, convert_summary(result))
+        return io.NodeOutput(result.output, ui=ui.PreviewText(result.summary()))
 
     @classmethod
     def fingerprint_inputs(cls, lora_name=None, **kwargs):

@@ -24,7 +24,9 @@ from .common import (
     adapter_name_input,
     adapter_path,
     lokr_full_matrix_alpha_input,
+    short,
     show_text,
+    showing_failures,
 )
 from .converter import ARCHITECTURES
 from .loader import STRENGTH
@@ -50,12 +52,19 @@ def _stem(name: str) -> str:
     return os.path.splitext(os.path.basename(name))[0]
 
 
+def bake_summary(result, listed: str) -> str:
+    """What the node shows: the file written and, per adapter, what matched (the report output has the rest)."""
+    lines = [f"wrote {listed}", f"in output/diffusion_models, {result.tensors_changed} tensors changed"]
+    lines += [f"{short(plan.adapter.path)} @ {s:g}: {plan.summary()}" for plan, s in zip(result.plans, result.strengths)]
+    return "\n".join(lines)
+
+
 class LycorisMerge(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LycorisMerge",
-            display_name="Bake LyCORIS into Model File",
+            display_name="Bake LyCORIS into Model",
             category=CATEGORY,
             description="Bakes LoHa, LoKr or LoRA files into a diffusion-model file without loading the model (one "
             "tensor at a time; fp8 files stay fp8), into output/diffusion_models, where Load Diffusion Model "
@@ -100,19 +109,21 @@ class LycorisMerge(io.ComfyNode):
     @classmethod
     def execute(cls, unet_name, lora_name, strength, more_adapters="", architecture="auto",
                 lokr_full_matrix_alpha=False, output_name="", overwrite=False) -> io.NodeOutput:
-        base = folder_paths.get_full_path_or_raise(MODEL_FOLDER, unet_name)
-        adapters = [(adapter_path(lora_name), strength), *parse_more_adapters(more_adapters)]
-        output = named_output(output_name.strip() or f"{_stem(unet_name)}_{_stem(lora_name)}", overwrite, MODEL_FOLDER)
         bar = comfy.utils.ProgressBar(100)
 
         def on_progress(done: int, total: int) -> None:
             comfy.model_management.throw_exception_if_processing_interrupted()  # Cancel: nothing is written
             bar.update_absolute(round(100 * done / max(total, 1)), 100)
 
-        result = merge(base, output, adapters, architecture=architecture, overwrite=overwrite,
-                       lokr_full_matrix_alpha=lokr_full_matrix_alpha, progress=False, on_progress=on_progress)
-        report = result.summary() + f"\nlisted by Load Diffusion Model as {listed_name(output, MODEL_FOLDER)}"
-        show_text(cls, report)
+        with showing_failures(cls):
+            base = folder_paths.get_full_path_or_raise(MODEL_FOLDER, unet_name)
+            adapters = [(adapter_path(lora_name), strength), *parse_more_adapters(more_adapters)]
+            output = named_output(output_name.strip() or f"{_stem(unet_name)}_{_stem(lora_name)}", overwrite, MODEL_FOLDER)
+            result = merge(base, output, adapters, architecture=architecture, overwrite=overwrite,
+                           lokr_full_matrix_alpha=lokr_full_matrix_alpha, progress=False, on_progress=on_progress)
+        listed = listed_name(output, MODEL_FOLDER)
+        report = result.summary() + f"\nlisted by Load Diffusion Model as {listed}"
+        show_text(cls, bake_summary(result, listed))
         return io.NodeOutput(result.output, report, ui=ui.PreviewText(report))
 
     @classmethod

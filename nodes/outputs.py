@@ -11,6 +11,7 @@ import os
 import folder_paths
 
 from ..lycoris_core.errors import AdapterError
+from ..lycoris_core.safetensors_io import MAX_NAME_BYTES
 from .common import ADAPTER_FOLDER
 
 MODEL_FOLDER = "diffusion_models"  # what ComfyUI's UNETLoader lists
@@ -68,6 +69,12 @@ def numbered_output(filename_prefix: str) -> str:
 
 
 def _inside(folder: str, name: str, what: str, kind: str) -> str:
+    if "\0" in name:
+        raise AdapterError(f"{what} {name!r} contains a NUL character")
+    long = [part for part in name.replace(os.sep, "/").split("/") if len(part.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES]
+    if long:
+        raise AdapterError(f"{what} {name[:60]!r}...: a name of {len(long[0].encode('utf-8', 'surrogateescape'))} bytes "
+                           f"is longer than a file name may be ({MAX_NAME_BYTES})")
     path = os.path.abspath(os.path.join(folder, name))
     if not name or os.path.commonpath([folder, path]) != folder or path == folder:
         raise AdapterError(f"{what} {name!r} must name a file inside the output/{kind} folder")

@@ -30,13 +30,14 @@ from ..convert.converter import DIFFUSERS_PREFIXES
 from ..lycoris_core.architectures import SUPPORTED, describe_architecture
 from ..lycoris_core.detection import detect_model_architecture
 from ..lycoris_core.errors import AdapterError
+from ..lycoris_core.finite import check_strength
 from ..lycoris_core.loading import load_report, load_tensors
 from ..lycoris_core.training import AdapterSet, TrainingConfig, inject_adapters, save_musubi, train
 from ..lycoris_core.training.config import ALGORITHMS, SAVE_DTYPES, UNSUPPORTED_OPTIMIZERS, split_patterns
 from ..lycoris_core.training.data import training_data
 from ..lycoris_core.training.loop import batch_schedule
 from ..lycoris_core.training.plot import loss_chart_pixels
-from .common import ADVANCED, show_text
+from .common import ADVANCED, FIXED_SEED, load_summary, show_text, showing_failures
 from .outputs import listed_name, numbered_output
 from .patches import apply_plan, plan_on_model
 
@@ -201,7 +202,7 @@ class LycorisTrain(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LycorisTrain",
-            display_name="Train LyCORIS (LoHa/LoKr)",
+            display_name="Train LyCORIS",
             category=CATEGORY,
             description="Trains a LoHa or LoKr on latents and their conditioning, on the layers Musubi Tuner trains "
             "and under its names, so the result saves as the file Musubi would write. The input model is not changed.",
@@ -230,7 +231,7 @@ class LycorisTrain(io.ComfyNode):
                                tooltip="A torch.optim optimizer, with its default settings."),
                 io.Int.Input("batch_size", default=1, min=1, max=10000,
                              tooltip="Samples per step (at most the number of latents)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF,
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, **FIXED_SEED,
                              tooltip="Seeds the adapter's initialisation, the sample order, the noise and the dropout."),
                 io.Int.Input("warmup_steps", default=0, min=0, max=1000000,
                              tooltip="Steps of linear learning-rate warmup from 0."),
@@ -270,19 +271,20 @@ class LycorisTrain(io.ComfyNode):
             v[0] for v in (model, algorithm, rank, alpha, factor, steps, learning_rate, optimizer, batch_size, seed,
                            warmup_steps, gradient_checkpointing, architecture, rank_dropout, module_dropout, include,
                            exclude))
-        if architecture == "auto":
-            architecture = detect_model_architecture(model.model_state_dict().keys())
-            if architecture is None:
-                raise AdapterError("cannot tell this model's architecture from its weight names; choose one of "
-                                   + ", ".join(ARCHITECTURES[1:]))
-        config = TrainingConfig(
-            algorithm=algorithm, rank=rank, alpha=alpha, factor=factor, rank_dropout=rank_dropout,
-            module_dropout=module_dropout, architecture=architecture, include=split_patterns(include),
-            exclude=split_patterns(exclude), optimizer=optimizer, learning_rate=learning_rate,
-            warmup_steps=warmup_steps, max_steps=steps, gradient_checkpointing=gradient_checkpointing, seed=seed,
-        ).validate()
-        trained = cls._train(model, latents, positive, config, batch_size)
-        image = loss_image(trained.losses)
+        with showing_failures(cls):
+            if architecture == "auto":
+                architecture = detect_model_architecture(model.model_state_dict().keys())
+                if architecture is None:
+                    raise AdapterError("cannot tell this model's architecture from its weight names; choose one of "
+                                       + ", ".join(ARCHITECTURES[1:]))
+            config = TrainingConfig(
+                algorithm=algorithm, rank=rank, alpha=alpha, factor=factor, rank_dropout=rank_dropout,
+                module_dropout=module_dropout, architecture=architecture, include=split_patterns(include),
+                exclude=split_patterns(exclude), optimizer=optimizer, learning_rate=learning_rate,
+                warmup_steps=warmup_steps, max_steps=steps, gradient_checkpointing=gradient_checkpointing, seed=seed,
+            ).validate()
+            trained = cls._train(model, latents, positive, config, batch_size)
+            image = loss_image(trained.losses)
         return io.NodeOutput(trained, image, ui=ui.PreviewImage(image, cls=cls))
 
     @classmethod
@@ -303,10 +305,10 @@ class LycorisTrain(io.ComfyNode):
             comfy.model_management.interrupt_current_processing(False)
             raise comfy.model_management.InterruptProcessingException()
         losses = trained.losses
-        summary = (f"trained {trained.steps} steps in {time.perf_counter() - start:.1f} s on "
-                   f"{describe_architecture(config.architecture)}: {trained.adapters.summary()}; "
-                   f"loss {statistics.fmean(losses[:10]):.4g} (first 10 steps) -> {statistics.fmean(losses[-10:]):.4g} (last 10)")
-        show_text(cls, summary)
+        show_text(cls, "\n".join([
+            f"trained {trained.steps} steps in {time.perf_counter() - start:.1f} s",
+            f"on {describe_architecture(config.architecture)}", trained.adapters.summary(),
+            f"loss {statistics.fmean(losses[:10]):.4g} (first 10 steps)", f"-> {statistics.fmean(losses[-10:]):.4g} (last 10)"]))
         return trained
 
 
@@ -361,11 +363,12 @@ class LycorisSave(io.ComfyNode):
     @classmethod
     def execute(cls, adapter, filename_prefix="lycoris/ComfyUI_lycoris", format="musubi",
                 prefix=DIFFUSERS_PREFIXES[0], save_dtype="float32") -> io.NodeOutput:
-        path = numbered_output(filename_prefix)
-        what = save_adapter(adapter, path, format, prefix, save_dtype)
+        with showing_failures(cls):
+            path = numbered_output(filename_prefix)
+            what = save_adapter(adapter, path, format, prefix, save_dtype)
         modules = len(adapter.adapters.adapters)
         text = f"saved {listed_name(path)} in output/loras: {what}, {modules} modules, {adapter.steps} steps"
-        show_text(cls, text)
+        show_text(cls, f"saved {listed_name(path)}\nin output/loras, {what}\n{modules} modules, {adapter.steps} steps")
         return io.NodeOutput(path, ui=ui.PreviewText(text))
 
 
@@ -402,11 +405,13 @@ class LycorisApply(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, adapter, strength=1.0, mode="patch") -> io.NodeOutput:
-        snapshot = adapter.adapters.to_adapter_file(name=f"trained adapter ({adapter.steps} steps)")
-        plan = plan_on_model(snapshot, model, adapter.config.architecture or "auto")
-        notes = ["strength 0: the adapter was checked against the model, nothing was applied"]
-        if strength != 0:
-            model, notes = apply_plan(model, plan, load_tensors(plan), strength, mode)
+        with showing_failures(cls):
+            strength = check_strength(strength, "the trained adapter")
+            snapshot = adapter.adapters.to_adapter_file(name=f"trained adapter ({adapter.steps} steps)")
+            plan = plan_on_model(snapshot, model, adapter.config.architecture or "auto")
+            notes = ["strength 0: the adapter was checked against the model, nothing was applied"]
+            if strength != 0:
+                model, notes = apply_plan(model, plan, load_tensors(plan), strength, mode)
         report = load_report(plan, strength, mode, notes=notes)
-        show_text(cls, report)
+        show_text(cls, load_summary(report))
         return io.NodeOutput(model, report, ui=ui.PreviewText(report))
