@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from helpers import MUSUBI
 
@@ -78,3 +79,35 @@ def test_demo_default_folder_never_collides(tmp_path, monkeypatch):
     (tmp_path / "comfyui-lycoris-demo").mkdir()
     (tmp_path / "comfyui-lycoris-demo-2").mkdir()
     assert _fresh_folder("comfyui-lycoris-demo") == "comfyui-lycoris-demo-3"
+
+
+def test_cli_polish():
+    """--version, a description on every command, --arch choices without the refused Kandinsky 5."""
+    from comfyui_lycoris import __version__
+    from comfyui_lycoris.cli import build_parser
+
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"comfyui-lycoris {__version__}"
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    for name, sub in commands.items():
+        assert sub.description and len(sub.description) > 60, name
+    for name in ("merge", "convert"):
+        arch = next(a for a in commands[name]._actions if a.dest == "arch")
+        assert "wan" in arch.choices and "kandinsky5" not in arch.choices
+
+
+@pytest.mark.parametrize("to", ["comfyui", "diffusers", "musubi"])
+def test_inspect_names_the_layout_a_conversion_wrote(tmp_path, to):
+    """Wan's ComfyUI and Diffusers-layout names are the same keys; the conversion's record tells them apart."""
+    out = tmp_path / f"{to}.safetensors"
+    assert run_cli("convert", str(MUSUBI / "wan_lokr_r3_a2.safetensors"), str(out), "--to", to).returncode == 0
+    report = json.loads(run_cli("inspect", "--json", str(out)).stdout)
+    assert report["format"] == to and report["source"].startswith(f"comfyui-lycoris conversion ({to} layout")
+
+
+def test_files_that_are_not_safetensors_say_so(tmp_path):
+    text = tmp_path / "notes.safetensors"
+    text.write_text("hello, this is text\n" * 10)
+    result = run_cli("inspect", str(text))
+    assert result.returncode == 2 and result.stderr.strip().endswith("not a safetensors file (it does not start with a header length and a JSON header)")
