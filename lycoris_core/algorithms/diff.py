@@ -5,13 +5,16 @@ from __future__ import annotations
 import torch
 
 from ..rows import Rows
-from .base import Algorithm, RowLayout, Shapes, Tensors, require
+from .base import Algorithm, RowLayout, ShapeError, Shapes, Tensors, require
 
 SUFFIXES = {"diff": "diff"}
 
 
 def weight_shape(shapes: Shapes) -> tuple:
-    return require(shapes, "diff")
+    shape = require(shapes, "diff")
+    if not shape:
+        raise ShapeError("diff is a single number: a weight has at least one dimension")
+    return shape
 
 
 def rank(shapes: Shapes) -> None:
