@@ -66,6 +66,56 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_low_rank(args: argparse.Namespace) -> int:
+    from .convert.to_lora import resize_file, to_lora_file
+
+    options = dict(rank=args.rank, max_error=args.max_error, to=args.to, prefix=args.prefix, arch=args.arch, base=args.base,
+                   dtype=args.dtype, overwrite=args.overwrite, progress=True)
+    if args.command == "to-lora":
+        result = to_lora_file(args.input, args.output, lokr_full_matrix_alpha=args.lokr_full_matrix_alpha, **options)
+    else:
+        result = resize_file(args.input, args.output, **options)
+    print(printable_lines(result.summary(max_modules=args.max_modules)))
+    return 0
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _error_bound(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be a number of at least 0, not {text}")
+    return value
+
+
+def _low_rank_options(p: argparse.ArgumentParser, arch_ids: list[str]) -> None:
+    """The options to-lora and resize share."""
+    p.add_argument("input", help="adapter file (any layout this pack reads)")
+    p.add_argument("output", help="output .safetensors")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--rank", type=_at_least_one, help="rank of every module (at most its own: a smaller module keeps all of it)")
+    size.add_argument(
+        "--max-error", type=_error_bound, metavar="E",
+        help="per module, the smallest rank whose relative error ||dW - dW_r||_F / ||dW||_F is at most E (0: exact)",
+    )
+    p.add_argument(
+        "--to", choices=["musubi", "diffusers", "comfyui"],
+        help="key layout, as convert writes it (default: the input's layout if it is one of these, else comfyui)",
+    )
+    p.add_argument("--prefix", help="key prefix for --to diffusers (default diffusion_model; also transformer)")
+    p.add_argument("--arch", choices=arch_ids, help="architecture (default: detect from the file)")
+    p.add_argument("--base", metavar="FILE", help="diffusion-model .safetensors, needed for DoRA modules (their change to it is written)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="dtype of the LoRA tensors (default: each module's own)")
+    p.add_argument("--max-modules", type=int, default=40, help="module lines in the table (default 40)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.set_defaults(run=_cmd_low_rank)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .benchmarks import suite
 
@@ -176,6 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", choices=arch_ids, help="architecture (default: detect from the file)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(run=_cmd_convert)
+
+    p = _command(commands, "to-lora", "turn LoHa / LoKr / full differences into a plain LoRA (truncated SVD)",
+                 "Write every module as a plain LoRA: the best approximation of its scaled weight difference at a fixed "
+                 "--rank, or at the smallest rank within a relative Frobenius error (--max-error), from a truncated SVD that "
+                 "never builds a LoHa's or LoKr's full difference. Prints every module's rank and error. Written in the "
+                 "musubi, diffusers or comfyui layout exactly as convert writes it, with alpha = rank (scale 1). DoRA "
+                 "modules need --base; 1-D differences (norms) are kept as they are.")
+    _low_rank_options(p, arch_ids)
+    p.add_argument("--lokr-full-matrix-alpha", action="store_true", help="see inspect --help")
+
+    p = _command(commands, "resize", "change the rank of a LoRA (truncated SVD)",
+                 "Write a LoRA file at another rank: every module at a fixed --rank, or at the smallest rank within a "
+                 "relative Frobenius error (--max-error), the best approximation of that rank (truncated SVD of up·down). "
+                 "Prints every module's rank and error. A file with LoHa / LoKr modules is refused: use to-lora.")
+    _low_rank_options(p, arch_ids)
 
     p = _command(commands, "bench", "benchmark patching, bypass, training and file work against baselines",
                  "Time and measure memory of each case against a baseline run in the same process (ratios, not "

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..lowrank import Factored
 from ..rows import Rows
 
 Shapes = Mapping[str, tuple]
@@ -75,6 +76,10 @@ class Algorithm:
     # module has (None for algorithms with one form).
     variants: tuple[str, ...] = ()
     variant: Callable[[Shapes], str | None] = lambda shapes: None
+    # ΔW (unscaled, 2-D: conv kernels flattened into the columns) in the factored form whose truncated
+    # SVD needs no full-size ΔW (`lowrank.py`); None: the algorithm has no structure to use, and
+    # `delta_weight` is decomposed as it is.
+    factored_delta: Callable[[Tensors], Factored] | None = None
 
 
 def require(shapes: Shapes, name: str) -> tuple:

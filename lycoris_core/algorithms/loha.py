@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..lowrank import Product
 from ..rows import Rows
 from .base import Algorithm, RowLayout, ShapeError, Shapes, Tensors, apply_by_rows, check_matmul, require
 
@@ -61,6 +62,21 @@ def factored(w1a, w1b, w2a, w2b, factor: float = 1.0) -> tuple[torch.Tensor, tor
     u = (w1a[:, :, None] * w2a[:, None, :]).reshape(out_features, -1)
     v = (w1b[:, None, :] * w2b[None, :, :]).reshape(-1, in_features)
     return u, v
+
+
+def _half_factors(t: Tensors, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a (out, r), b (r, in·k)) with half i = a @ b, conv kernels in b's columns (a Tucker core goes into b)."""
+    a, b = t[f"hada_w{i}_a"], t[f"hada_w{i}_b"]
+    core = t.get(f"hada_t{i}")
+    if core is not None:  # a is (r, out) here
+        return a.T, torch.einsum("i j ..., j r -> i r ...", core, b).reshape(core.shape[0], -1)
+    return a, b.reshape(b.shape[0], -1)
+
+
+def factored_delta(t: Tensors) -> Product:
+    """ΔW = U V with inner dimension r1·r2: the Khatri-Rao products of the halves' factors."""
+    (w1a, w1b), (w2a, w2b) = _half_factors(t, 1), _half_factors(t, 2)
+    return Product(*factored(w1a, w1b, w2a, w2b))
 
 
 def _half_rows(t: Tensors, i: int, rows: Rows) -> torch.Tensor:
@@ -116,4 +132,5 @@ ALGORITHM = Algorithm(
     apply_=apply_,
     bypass_delta=bypass_delta,
     layout=RowLayout(row_tensors=_row_tensors, rank_pairs=(("hada_w1_a", "hada_w1_b"), ("hada_w2_a", "hada_w2_b"))),
+    factored_delta=factored_delta,
 )

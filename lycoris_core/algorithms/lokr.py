@@ -15,6 +15,7 @@ import dataclasses
 
 import torch
 
+from ..lowrank import Dense, Kronecker, Product
 from ..rows import Rows
 from .base import Algorithm, RowLayout, ShapeError, Shapes, Tensors, apply_by_rows, check_matmul, require
 
@@ -193,6 +194,24 @@ def bypass_delta(x: torch.Tensor, t: Tensors, factor: float = 1.0) -> torch.Tens
     return y.reshape(*lead, a * b)
 
 
+def _factor_form(t: Tensors, i: int) -> Dense | Product:
+    """Factor i as a matrix (conv kernels in the columns): low-rank where it is stored so."""
+    full = t.get(f"lokr_w{i}")
+    if full is not None:
+        return Dense(full.reshape(full.shape[0], -1))
+    if i == 2 and "lokr_t2" in t:
+        w2 = factors(t)[1]
+        return Dense(w2.reshape(w2.shape[0], -1))
+    a, b = t[f"lokr_w{i}_a"], t[f"lokr_w{i}_b"]
+    return Product(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))
+
+
+def factored_delta(t: Tensors) -> Kronecker:
+    """kron(w1, w2) with ΔW flattened to (a·b, c·d·k): w1's entries scale whole kernels of w2, so the
+    flattened ΔW is kron(w1, w2 flattened to (b, d·k))."""
+    return Kronecker(_factor_form(t, 1), _factor_form(t, 2))
+
+
 def _row_tensors(shapes: Shapes) -> dict[str, int]:
     """w1's rows, each a block of b = w2.shape[0] rows of ΔW."""
     w2_rows = shapes["lokr_w2"][0] if "lokr_w2" in shapes else shapes["lokr_w2_a"][0]
@@ -213,6 +232,7 @@ ALGORITHM = Algorithm(
     layout=RowLayout(row_tensors=_row_tensors, cannot_stack="LoKr (a Kronecker product) cannot be stacked exactly"),
     variants=("full", "low_rank"),
     variant=variant,
+    factored_delta=factored_delta,
 )
 
 
@@ -239,6 +259,13 @@ def _comfy_apply_(weight: torch.Tensor, t: Tensors, factor: float, rows: Rows) -
         apply_by_rows(weight, factor, rows, lambda block: _comfy_delta_rows(t, block))
 
 
+def _comfy_factored_delta(t: Tensors) -> Kronecker | Dense:
+    if factors(t)[1].dim() in (2, 4):
+        return factored_delta(t)
+    delta = _comfy_kron(t)  # no Kronecker structure left once reshaped: decomposed as it is
+    return Dense(delta.reshape(delta.shape[0], -1))
+
+
 def _comfy_row_tensors(shapes: Shapes) -> dict[str, int]:
     if len(weight_shape(shapes)) not in (2, 4):
         raise ShapeError("in ComfyUI's arrangement a Conv1d/Conv3d LoKr's rows are not blocks of w1's rows")
@@ -251,4 +278,5 @@ COMFYUI_ALGORITHM = dataclasses.replace(
     delta_rows=_comfy_delta_rows,
     apply_=_comfy_apply_,
     layout=RowLayout(row_tensors=_comfy_row_tensors, cannot_stack=ALGORITHM.layout.cannot_stack),
+    factored_delta=_comfy_factored_delta,
 )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..lowrank import Product
 from ..rows import Rows
 from .base import Algorithm, RowLayout, ShapeError, Shapes, Tensors, apply_by_rows, check_matmul, require
 
@@ -71,6 +72,14 @@ def bypass_delta(x: torch.Tensor, t: Tensors, factor: float = 1.0) -> torch.Tens
     return (x @ down.T) @ _flat(t["up"]).T
 
 
+def factored_delta(t: Tensors) -> Product:
+    """up · down, conv kernels in down's columns; a Tucker core goes into down (inner dimension = rank)."""
+    up, down = _flat(t["up"]), _flat(t["down"])
+    if "mid" in t:
+        down = torch.einsum("m n ..., n j -> m j ...", t["mid"], down).reshape(up.shape[1], -1)
+    return Product(up, down)
+
+
 def _row_tensors(shapes: Shapes) -> dict[str, int]:
     if "mid" in shapes:
         raise ShapeError("a Tucker core (lora_mid) mixes every row with every rank component")
@@ -87,4 +96,5 @@ ALGORITHM = Algorithm(
     apply_=apply_,
     bypass_delta=bypass_delta,
     layout=RowLayout(row_tensors=_row_tensors, rank_pairs=(("up", "down"),)),
+    factored_delta=factored_delta,
 )
