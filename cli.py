@@ -203,8 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("base", help="diffusion-model .safetensors (bare keys or model.diffusion_model. prefix)")
     p.add_argument("out", help="output .safetensors (same keys, order, dtypes and metadata as BASE)")
     p.add_argument(
-        "--adapter", action="append", required=True, metavar="FILE[:STRENGTH]",
-        help="adapter to apply (repeatable), with an optional strength (default 1.0)",
+        "--adapter", action="append", required=True, metavar="FILE[:STRENGTH[:BLOCKS]]",
+        help="adapter to apply (repeatable), with an optional strength (default 1.0) and block weights (a preset, "
+        "a comma-separated vector with one number per block, or pattern=value entries; see README)",
     )
     p.add_argument("--arch", default="auto", choices=["auto", *arch_ids], help="architecture (default: detect from the files)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")

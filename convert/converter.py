@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ..lycoris_core.adapter_file import AdapterFile, read_adapter
+from ..lycoris_core.algorithms import ShapeError
 from ..lycoris_core.architectures import ARCHITECTURES, SUPPORTED, describe_architecture, get_architecture
 from ..lycoris_core.detection import CONVERTED_FROM_KEY
 from ..lycoris_core.errors import AdapterError
 from ..lycoris_core.finite import count_nonfinite, describe_nonfinite
-from ..lycoris_core.module import ALPHA, ModuleAdapter
+from ..lycoris_core.module import ALPHA, BIAS, DORA, ModuleAdapter
 from ..lycoris_core.naming import COMFY_PREFIX, MUSUBI_PREFIX, AmbiguousName, Naming, Partition, flatten, naming_for
 from ..lycoris_core.rows import Rows
 from ..lycoris_core.safetensors_io import (
@@ -41,7 +42,7 @@ from ..lycoris_core.safetensors_io import (
     dtype_name,
     stale_temp_files,
 )
-from ..lycoris_core.scales import lycoris_scale
+from ..lycoris_core.scales import PEFT_METADATA_KEY, lycoris_scale
 from .regroup import Inexact, ModuleSpec, Source, TensorSpec, alpha_spec, fuse, reorder, split
 
 TARGETS = ("musubi", "diffusers", "comfyui")
@@ -471,7 +472,12 @@ class _Builder:
             params[ALPHA] = alpha_spec(source.scale * rank, params[ALPHA].dtype if ALPHA in params else torch.float32, order)
         else:
             params.pop(ALPHA, None)
-            name = next(iter(source.math.layout.row_tensors(shapes)))
+            # Any one factor of ΔW takes a scalar (w1 ⊗ w2 is linear in each); the one holding its rows
+            # where the layout says which, so a later split of the rows still sees every row scaled.
+            try:
+                name = next(iter(source.math.layout.row_tensors(shapes)))
+            except ShapeError:
+                name = next(n for n in params if n not in (DORA, BIAS))
             factor = params[name]
             params[name] = TensorSpec(factor.dtype, factor.shape,
                                       lambda f=factor: (f.make().double() * source.scale).to(f.dtype), factor.order)
@@ -517,6 +523,9 @@ class _Builder:
 def _part_sizes(partition: Partition, parts: dict[int, ModuleAdapter]) -> list[int]:
     """Rows of every part of a fused weight (missing parts too), from the parts present."""
     present = list(parts.values())
+    flat = [m for m in present if len(m.shape) < 2]
+    if flat:
+        raise Inexact(f"{flat[0].stem} changes a 1-D weight {list(flat[0].shape)}, not rows of a fused layer")
     in_features = present[0].shape[1]
     thirds = {parts[i].shape[0] for i in parts if partition.sizes[i] == "third"}
     if len(thirds) > 1:
@@ -550,6 +559,10 @@ def _metadata(adapter: AdapterFile, target: str, arch_id: str, prefix: str | Non
         "target": target,
         "architecture": arch_id,
     }
+    # The output carries its scales as LyCORIS alphas (or folded in): a PEFT config left in it would be
+    # applied a second time by a reader of a file without alphas. It moves into the record.
+    if PEFT_METADATA_KEY in metadata:
+        record["source_peft_config"] = metadata.pop(PEFT_METADATA_KEY)
     if prefix is not None:
         record["prefix"] = prefix
     append_records(metadata, CONVERTED_FROM_KEY, [record])

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .algorithms import ALGORITHMS, COMFYUI_VARIANTS, SUFFIX_INDEX, Algorithm, ShapeError
-from .detection import describe_source, detect_file_architecture, uses_comfy_names
+from .detection import CONVERTED_FROM_KEY, describe_source, detect_file_architecture, uses_comfy_names
 from .errors import AdapterError
 from .finite import count_nonfinite, describe_nonfinite, nonfinite_in_file
 from .module import ALPHA, BIAS, DORA, ModuleAdapter, TensorSource
@@ -278,7 +278,8 @@ def _scale_rule(path: str, metadata, grouped: _Grouped, lokr_full_matrix_alpha: 
     if lokr_full_matrix_alpha:
         return _ScaleRule(FULL_MATRIX_RULE, full_matrix_dim=_network_dim(path, metadata))
     has_alpha = any(ALPHA in params for params in grouped.params.values())
-    peft = None if has_alpha else find_peft_config(path, metadata)  # PEFT never stores alpha in the weights
+    # PEFT never stores alpha in the weights; this pack's conversions always follow LyCORIS's rule
+    peft = None if has_alpha or CONVERTED_FROM_KEY in metadata else find_peft_config(path, metadata)
     if peft is not None:
         return _ScaleRule(peft.describe(), peft=peft)
     return _ScaleRule(LYCORIS_RULE)

@@ -8,7 +8,9 @@ A record says, for one architecture:
   into one `qkv`) or when the rows come in another order (`SWAP_HALVES`). ComfyUI's own names are
   the `weight` fields; a name no entry knows is taken as ComfyUI's own;
 - how to recognise it: Musubi's metadata values and regexes over a model's weight names;
-- Musubi's default exclude patterns and the blocks its trainer adapts.
+- Musubi's default exclude patterns and the blocks its trainer adapts;
+- the blocks that block weights address, in their order, and the kinds of layer inside them
+  (`lycoris_core/block_weights.py` reads these).
 
 The Diffusers entries are proven by loading the same random weights into the tiny Diffusers model
 and, through these entries, into ComfyUI's model, and comparing their outputs
@@ -113,6 +115,31 @@ def linear1(i: int) -> Part:
 
 
 @dataclass(frozen=True)
+class BlockList:
+    """A list of repeated blocks that block weights address: the name users write (`double_blocks`) and
+    the module path of ComfyUI's weights before the block index. They differ only for FramePack, which has
+    no ComfyUI model: its double and single blocks keep their original names."""
+
+    name: str
+    path: str
+
+
+def block_lists(*paths: str) -> tuple[BlockList, ...]:
+    """Block lists named as ComfyUI names them."""
+    return tuple(BlockList(path, path) for path in paths)
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """A kind of layer inside a block, for block weights (`attn=0.5`): a regex fullmatched against a
+    weight's module path inside its block, in ComfyUI's naming (`img_attn.qkv`). A layer can be of
+    several kinds (FLUX's single-block `linear1` holds attention and MLP inputs together)."""
+
+    name: str
+    pattern: str
+
+
+@dataclass(frozen=True)
 class Architecture:
     id: str
     title: str
@@ -135,6 +162,11 @@ class Architecture:
     refused: str | None = None
     notes: tuple[str, ...] = field(default=())
     comfyui_model: bool = True  # ComfyUI core has a model class (its weights' names are a naming)
+    # The blocks block weights address, in the order a vector of one number per block follows (the order
+    # the model runs them), and the kinds of layer inside them. How many blocks each list has is counted
+    # in the model at hand; layers outside these blocks always keep factor 1.
+    weighted_blocks: tuple[BlockList, ...] = ()
+    layer_kinds: tuple[LayerKind, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,6 +213,13 @@ WAN = Architecture(
     model_signature=((r"^blocks\.\d+\.(self_attn\.q|attn1\.to_q)$", r"^blocks\.\d+\.(cross_attn\.q|attn2\.to_q)$"),),
     train_blocks=("blocks.{n}",),
     blocks=("blocks",),
+    weighted_blocks=block_lists("blocks"),
+    layer_kinds=(
+        LayerKind("attn", r"(self_attn|cross_attn)\..+|norm3"),  # norm3: the cross-attention pre-norm
+        LayerKind("self_attn", r"self_attn\..+"),
+        LayerKind("cross_attn", r"cross_attn\..+|norm3"),
+        LayerKind("ffn", r"ffn\..+"),
+    ),
 )
 
 # HunyuanVideo (1.5): Musubi's names for the double blocks and embedders, and Diffusers' for both.
@@ -241,6 +280,15 @@ _HV_DIFFUSERS_COMMON = (
     diffusers("transformer_blocks.{n}.ff_context.net.2", "double_blocks.{n}.txt_mlp.2"),
 )
 
+# Layer kinds of HunyuanVideo's and FLUX's blocks (ComfyUI names): double blocks keep an image and a text
+# stream apart; a single block's linear1 (q, k, v and the MLP input) and linear2 (attention and MLP
+# output) are attention and feed-forward at once.
+_ATTN_DOUBLE_SINGLE = LayerKind("attn", r"(img|txt)_attn\..+|linear[12]|norm\..+")
+_FFN_DOUBLE_SINGLE = LayerKind("ffn", r"(img|txt)_mlp\..+|linear[12]")
+_MOD_DOUBLE_SINGLE = LayerKind("mod", r"(img|txt)_mod\..+|modulation\..+")
+_STREAMS = (LayerKind("img", r"img_.+"), LayerKind("txt", r"txt_.+"))
+_DOUBLE_SINGLE_KINDS = (_ATTN_DOUBLE_SINGLE, _FFN_DOUBLE_SINGLE, _MOD_DOUBLE_SINGLE, *_STREAMS)
+
 HUNYUAN_VIDEO = Architecture(
     id="hunyuan_video",
     title="HunyuanVideo",
@@ -270,6 +318,9 @@ HUNYUAN_VIDEO = Architecture(
     model_signature=((r"^double_blocks\.\d+\.img_attn[._]qkv$", r"^single_blocks\.\d+\.linear1$", r"^txt_in\.individual_token_refiner\."),),
     train_blocks=("double_blocks.{n}", "single_blocks.{n}"),
     blocks=("double_blocks", "single_blocks", "txt_in.individual_token_refiner.blocks"),
+    # The token refiner's blocks prepare the text; block weights leave them at 1, as FLUX's embedders.
+    weighted_blocks=block_lists("double_blocks", "single_blocks"),
+    layer_kinds=_DOUBLE_SINGLE_KINDS,
 )
 
 HUNYUAN_VIDEO_1_5 = Architecture(
@@ -303,6 +354,8 @@ HUNYUAN_VIDEO_1_5 = Architecture(
     ),
     train_blocks=("double_blocks.{n}",),
     blocks=("double_blocks", "txt_in.individual_token_refiner.blocks"),
+    weighted_blocks=block_lists("double_blocks"),
+    layer_kinds=_DOUBLE_SINGLE_KINDS,
 )
 
 _FRAMEPACK_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -335,6 +388,13 @@ FRAMEPACK = Architecture(
     comfyui_model=False,
     train_blocks=("transformer_blocks.{n}", "single_transformer_blocks.{n}"),
     blocks=("transformer_blocks", "single_transformer_blocks", "context_embedder.token_refiner.refiner_blocks"),
+    # FramePack's blocks are HunyuanVideo's double and single blocks, under Diffusers' names.
+    weighted_blocks=(BlockList("double_blocks", "transformer_blocks"), BlockList("single_blocks", "single_transformer_blocks")),
+    layer_kinds=(
+        LayerKind("attn", r"attn\..+|proj_out"),  # a single block's proj_out takes attention and MLP outputs together
+        LayerKind("ffn", r"ff\..+|ff_context\..+|proj_mlp|proj_out"),
+        LayerKind("mod", r"norm1\.linear|norm1_context\.linear|norm\.linear"),
+    ),
 )
 
 _FLUX_DOUBLE = same(
@@ -395,6 +455,8 @@ FLUX = Architecture(
     train_blocks=("double_blocks.{n}", "single_blocks.{n}"),
     blocks=("double_blocks", "single_blocks"),
     comfyui_slice_names=((DIFFUSERS, "transformer."),),
+    weighted_blocks=block_lists("double_blocks", "single_blocks"),
+    layer_kinds=_DOUBLE_SINGLE_KINDS,
 )
 
 FLUX2 = Architecture(
@@ -431,6 +493,9 @@ FLUX2 = Architecture(
     train_blocks=("double_blocks.{n}", "single_blocks.{n}"),
     blocks=("double_blocks", "single_blocks"),
     comfyui_slice_names=((DIFFUSERS, "transformer."),),
+    weighted_blocks=block_lists("double_blocks", "single_blocks"),
+    # FLUX.2 modulates outside its blocks (double_stream_modulation_*, single_stream_modulation).
+    layer_kinds=(_ATTN_DOUBLE_SINGLE, _FFN_DOUBLE_SINGLE, *_STREAMS),
 )
 
 _QWEN_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -459,6 +524,14 @@ QWEN_IMAGE = Architecture(
     model_signature=((r"^transformer_blocks\.\d+\.img_mod\.1$", r"^transformer_blocks\.\d+\.attn\.add_q_proj$"),),
     train_blocks=("transformer_blocks.{n}",),
     blocks=("transformer_blocks",),
+    weighted_blocks=block_lists("transformer_blocks"),
+    layer_kinds=(
+        LayerKind("attn", r"attn\..+"),
+        LayerKind("ffn", r"(img|txt)_mlp\..+"),
+        LayerKind("mod", r"(img|txt)_mod\..+"),
+        LayerKind("img", r"img_.+|attn\.(to_[qkv]|to_out\.0|norm_[qk])"),
+        LayerKind("txt", r"txt_.+|attn\.(add_[qkv]_proj|to_add_out|norm_added_[qk])"),
+    ),
 )
 
 _ZI_BLOCKS = ("layers", "noise_refiner", "context_refiner")
@@ -497,6 +570,14 @@ Z_IMAGE = Architecture(
     model_signature=((r"^layers\.\d+\.attention\.(qkv|to_q)$", r"^layers\.\d+\.feed_forward\.w1$", r"^(noise|context)_refiner\.\d+\."),),
     train_blocks=("layers.{n}", "noise_refiner.{n}", "context_refiner.{n}"),
     blocks=_ZI_BLOCKS,
+    # In the order ComfyUI runs them: the caption's refiner, the image-prompt refiner (Omni models only),
+    # the latent's refiner, then the main layers.
+    weighted_blocks=block_lists("context_refiner", "siglip_refiner", "noise_refiner", "layers"),
+    layer_kinds=(
+        LayerKind("attn", r"attention\..+|attention_norm[12]"),
+        LayerKind("ffn", r"feed_forward\..+|ffn_norm[12]"),
+        LayerKind("mod", r"adaLN_modulation\..+"),
+    ),
     comfyui_slice_names=((MUSUBI, "diffusion_model."),),
 )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import struct
 
 import numpy
 import torch
@@ -13,33 +14,48 @@ from .safetensors_io import TensorEntry
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # adapter math runs in fp32
 CHUNK_ELEMENTS = 1 << 20  # elements checked at once, so the check never needs a full-size temporary
 
-# A float is NaN or Inf exactly when all its exponent bits are set: (integer view, exponent mask).
-_EXPONENT_BITS = {
-    torch.float64: (torch.int64, 0x7FF0000000000000),
-    torch.float32: (torch.int32, 0x7F800000),
-    torch.float16: (torch.int16, 0x7C00),
-    torch.bfloat16: (torch.int16, 0x7F80),
+# A value is unusable when its magnitude's bits exceed those of the largest usable value (floats of one
+# sign order like their bit patterns; NaN and Inf, all-ones exponents, exceed every finite value). The
+# largest usable float64 is float32's largest: the adapter math runs in float32, where more is Inf.
+# dtype -> (integer view, magnitude mask, bits of the largest usable magnitude)
+_LIMIT_BITS = {
+    torch.float64: (torch.int64, 0x7FFFFFFFFFFFFFFF, struct.unpack("<q", struct.pack("<d", FLOAT32_MAX))[0]),
+    torch.float32: (torch.int32, 0x7FFFFFFF, 0x7F7FFFFF),
+    torch.float16: (torch.int16, 0x7FFF, 0x7BFF),
+    torch.bfloat16: (torch.int16, 0x7FFF, 0x7F7F),
 }
 
 
+def _usable(values: numpy.ndarray) -> bool:
+    """Every value finite (float64: within float32's range): the fast check, at memory speed."""
+    if values.dtype == numpy.float64:
+        return bool((numpy.abs(values) <= FLOAT32_MAX).all())
+    return bool(numpy.isfinite(values).all())
+
+
+def _count_bits(bits: numpy.ndarray, mask: int, limit: int) -> int:
+    return int(numpy.count_nonzero((bits & mask) > limit))
+
+
 def count_nonfinite(tensor: torch.Tensor) -> int:
-    """NaN/Inf values in a tensor, checked in chunks (no full-size temporary).
+    """NaN/Inf values in a tensor (in float64 also values beyond float32's range, which are Inf to the
+    float32 math), checked in chunks (no full-size temporary).
 
     Done in numpy, single-threaded: torch's isfinite is several times slower (bf16 more so) and its
     intra-op thread pool stalls badly when other processes hold the cores. bf16, which numpy lacks,
-    is checked on its exponent bits (a float is NaN/Inf exactly when they are all set).
+    is checked on its bits.
     """
-    if tensor.dtype not in _EXPONENT_BITS:
+    if tensor.dtype not in _LIMIT_BITS:
         return 0
     flat = tensor.detach().cpu().contiguous().reshape(-1)
-    int_dtype, mask = _EXPONENT_BITS[tensor.dtype]
+    int_dtype, mask, limit = _LIMIT_BITS[tensor.dtype]
     bits = flat.view(int_dtype).numpy()
     values = None if tensor.dtype == torch.bfloat16 else flat.numpy()
     bad = 0
     for i in range(0, bits.size, CHUNK_ELEMENTS):
-        if values is not None and numpy.isfinite(values[i : i + CHUNK_ELEMENTS]).all():
-            continue  # the common case, at memory speed
-        bad += int(numpy.count_nonzero((bits[i : i + CHUNK_ELEMENTS] & mask) == mask))
+        if values is not None and _usable(values[i : i + CHUNK_ELEMENTS]):
+            continue  # the common case
+        bad += _count_bits(bits[i : i + CHUNK_ELEMENTS], mask, limit)
     return bad
 
 
@@ -60,7 +76,7 @@ def nonfinite_in_file(reader, names) -> dict[str, int]:
     for entry in reader.header.tensors.values():  # in file order
         offset = reader.header.offsets[entry.name]
         asked = entry.name in wanted
-        if entry.dtype not in _EXPONENT_BITS or entry.numel == 0 or (not asked and entry.nbytes > GAP_BYTES):
+        if entry.dtype not in _LIMIT_BITS or entry.numel == 0 or (not asked and entry.nbytes > GAP_BYTES):
             if asked or entry.nbytes:  # an empty tensor ends no run
                 counts.update(_run_counts(reader, run, run_start, run_end, wanted))
                 run = []
@@ -86,9 +102,9 @@ def nonfinite_in_file(reader, names) -> dict[str, int]:
 def _run_counts(reader, run: list[TensorEntry], start: int, end: int, wanted: set[str]) -> dict[str, int]:
     if not any(entry.name in wanted for entry in run):
         return {}
-    int_dtype, mask = _EXPONENT_BITS[run[0].dtype]
+    int_dtype, mask, limit = _LIMIT_BITS[run[0].dtype]
     bits = torch.frombuffer(reader.read_bytes(start, end - start), dtype=int_dtype).numpy()
-    bad = numpy.flatnonzero((bits & mask) == mask)
+    bad = numpy.flatnonzero((bits & mask) > limit)
     if not bad.size:
         return {}
     first_elements = numpy.cumsum([0] + [entry.numel for entry in run[:-1]])
@@ -100,7 +116,7 @@ def describe_nonfinite(counts: dict[str, int], limit: int = 5) -> str:
     """'N non-finite values (NaN/Inf) in key (n), ...' for {tensor key: count}."""
     listed = ", ".join(f"{k} ({n})" for k, n in list(counts.items())[:limit])
     more = f" and {len(counts) - limit} more tensors" if len(counts) > limit else ""
-    return f"{sum(counts.values())} non-finite values (NaN/Inf) in {listed}{more}"
+    return f"{sum(counts.values())} non-finite values (NaN/Inf, or float64 beyond float32's range) in {listed}{more}"
 
 
 def check_strength(strength: float, where: str) -> float:

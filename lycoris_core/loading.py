@@ -133,6 +133,11 @@ def load_report(
         f"mode          {mode}, strength {strength:g}",
         f"applied       {plan.modules_applied} of {len(adapter.modules)} modules: {_algorithm_counts(applied)}",
     ]
+    if plan.block_weights:
+        lines.append(f"blocks        {plan.block_weights.source}: {plan.block_weights.describe()}; "
+                     "outside the blocks: 1")
+    if plan.switched_off:
+        lines.append(f"zeroed        {len(plan.switched_off)} modules at block weight 0 (not applied)")
     if mode == "bypass":
         lines.append("weights       untouched: a model saved from here (e.g. by ModelSave) lacks this adapter; patch mode bakes it")
     if sliced:

@@ -41,6 +41,10 @@ SCALE_SUFFIXES = ("scale_weight", "weight_scale")  # ComfyUI's legacy scaled fp8
 BLOCK_ELEMENTS = 1 << 22  # rows worked on at once: 16 MB of fp32
 
 
+# An adapter to merge: (file, strength) or (file, strength, block weights text), as parse_adapter_arg gives.
+AdapterArg = tuple[str | os.PathLike, float] | tuple[str | os.PathLike, float, str]
+
+
 @dataclass
 class MergeResult:
     output: str
@@ -54,6 +58,9 @@ class MergeResult:
         lines = [f"wrote {self.output}: {self.tensors_changed} tensors changed"]
         for plan, strength in zip(self.plans, self.strengths):
             lines.append(f"  {os.path.basename(plan.adapter.path)} @ {strength:g}: {plan.summary()}")
+            if plan.block_weights:
+                lines.append(f"    block weights {plan.block_weights.source}: {plan.block_weights.describe()}; "
+                             "outside the blocks: 1")
             for stem, why in list(plan.unmatched.items())[:20]:
                 lines.append(f"    unmatched {stem}: {why}")
             if len(plan.unmatched) > 20:
@@ -64,18 +71,31 @@ class MergeResult:
         return "\n".join(lines)
 
 
-def parse_adapter_arg(text: str) -> tuple[str, float]:
-    """'FILE' or 'FILE:STRENGTH' (a trailing ':number'; paths with colons stay whole)."""
-    path, sep, tail = text.rpartition(":")
+def parse_adapter_arg(text: str) -> tuple[str, float, str]:
+    """'FILE', 'FILE:STRENGTH' or 'FILE:STRENGTH:BLOCKS' -> (file, strength, block weights text or '').
+
+    Read from the right: a trailing ':number' is the strength; a trailing ':BLOCKS' that is not a number
+    counts as block weights only after a ':number' (a preset, a comma-separated vector or
+    pattern=value entries, none of which holds a colon). Colons elsewhere stay in the path (Windows
+    drives, file names with colons), and an existing file is taken whole.
+    """
+    head, sep, tail = text.rpartition(":")
     if not sep:
-        return text, 1.0
+        return text, 1.0, ""
     try:
-        return path, float(tail)
+        return head, float(tail), ""
     except ValueError:
         pass
-    if not os.path.exists(text) and os.path.exists(path):  # FILE:typo, not a file with a colon in its name
-        raise AdapterError(f"{text}: strength {tail!r} is not a number (write FILE or FILE:STRENGTH, e.g. {path}:0.8)")
-    return text, 1.0
+    path, sep, strength = head.rpartition(":")
+    if sep and not os.path.exists(text):
+        try:
+            return path, float(strength), tail
+        except ValueError:
+            pass
+    if not os.path.exists(text) and os.path.exists(head):  # FILE:typo, not a file with a colon in its name
+        raise AdapterError(f"{text}: strength {tail!r} is not a number (write FILE, FILE:STRENGTH or "
+                           f"FILE:STRENGTH:BLOCKS, e.g. {head}:0.8 or {head}:1:attn_only)")
+    return text, 1.0, ""
 
 
 def _quant_scale(key: str, entries: dict[str, TensorEntry], reader: SafetensorsReader) -> torch.Tensor | None:
@@ -175,22 +195,23 @@ def _plan_all(base: str, entries: dict[str, TensorEntry], adapters, architecture
     plans, strengths = [], []
     targets: Planned = {}
     bias_targets: Planned = {}
-    for path, strength in adapters:
+    for path, strength, block_weights in adapters:
         strength = check_strength(strength, os.fspath(path))
         adapter = read_adapter(path, lokr_full_matrix_alpha=lokr_full_matrix_alpha)
         adapter.check_finite()
-        plan = make_plan(adapter, shapes, architecture)
+        plan = make_plan(adapter, shapes, architecture, block_weights)
         for patch in plan.patches:
-            if not abs(patch.module.scale * strength) <= FLOAT32_MAX:
+            applied = strength * patch.factor
+            if not abs(patch.module.scale * applied) <= FLOAT32_MAX:
                 raise AdapterError(
                     f"{adapter.path}: module {patch.module.stem}: scale {patch.module.scale:g} × strength "
-                    f"{strength:g} is beyond the float32 range"
+                    f"{applied:g} is beyond the float32 range"
                 )
             _check_mergeable(patch.target.key, entries[patch.target.key], base)
-            targets.setdefault(patch.target.key, []).append((patch, strength))
+            targets.setdefault(patch.target.key, []).append((patch, applied))
             if patch.bias_key:
                 _check_mergeable(patch.bias_key, entries[patch.bias_key], base)
-                bias_targets.setdefault(patch.bias_key, []).append((patch, strength))
+                bias_targets.setdefault(patch.bias_key, []).append((patch, applied))
         plans.append(plan)
         strengths.append(strength)
     return plans, strengths, targets, bias_targets
@@ -199,14 +220,15 @@ def _plan_all(base: str, entries: dict[str, TensorEntry], adapters, architecture
 def merge(
     base: str | os.PathLike,
     output: str | os.PathLike,
-    adapters: Sequence[tuple[str | os.PathLike, float]],
+    adapters: Sequence[AdapterArg],
     architecture: str = "auto",
     overwrite: bool = False,
     lokr_full_matrix_alpha: bool = False,
     progress: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> MergeResult:
-    """Bake `adapters` [(file, strength), ...] into the diffusion-model file `base`, writing `output`.
+    """Bake `adapters` [(file, strength) or (file, strength, block weights), ...] into the diffusion-model
+    file `base`, writing `output`. Block weights (block_weights.py) scale each module's strength by its block.
 
     `progress`: a terminal progress bar. `on_progress(done_bytes, total_bytes)` is called after each
     tensor; an exception it raises (a host's cancel) stops the merge and nothing is written.
@@ -215,8 +237,9 @@ def merge(
     check_output_path(output, overwrite)
     if not adapters:
         raise AdapterError("merge needs at least one --adapter")
+    adapters = [(arg[0], arg[1], arg[2] if len(arg) > 2 else "") for arg in adapters]
     if os.path.exists(output):
-        for source, what in [(base, "the base model"), *((path, "an adapter") for path, _ in adapters)]:
+        for source, what in [(base, "the base model"), *((path, "an adapter") for path, _, _ in adapters)]:
             if os.path.exists(source) and os.path.samefile(source, output):
                 raise AdapterError(f"{output}: output would replace {what} it is read from")
     stale = stale_temp_files(output)
@@ -231,6 +254,7 @@ def merge(
         {
             "adapter": os.path.basename(plan.adapter.path),
             "strength": strength,
+            **({"block_weights": plan.block_weights.describe()} if plan.block_weights else {}),
             "architecture": plan.architecture,
             "format": plan.adapter.format,
             "modules_applied": plan.modules_applied,
@@ -287,7 +311,7 @@ def _write(reader, output, metadata, targets: Planned, bias_targets: Planned, ov
 
 
 def _merge_bias(bias: torch.Tensor, patches: list[tuple[Patch, float]]) -> torch.Tensor:
-    work = bias.float()
+    work = bias.to(torch.float32, copy=True)  # never into `bias` itself: it is BASE's, and is checked against
     for patch, strength in patches:
         target = patch.target.rows or Rows(0, bias.shape[0])
         source = patch.target.source_rows.start if patch.target.source_rows else 0

@@ -7,6 +7,10 @@ AdaLN layer). Each adapter stem stands for some rows of one of them, the same wa
 lands on the keys that hold its rows, each `Target` saying which rows of the key take which rows of
 the module's ΔW, so a q/k/v part lands on a slice of a fused weight, a fused module lands on split
 weights, and swapped halves land swapped.
+
+Block weights (`block_weights.py`), when asked for, give each module a factor from the block its weight
+sits in: the patch carries it, and whoever applies the plan uses strength × factor. Modules at factor 0
+are not planned at all (listed in `switched_off`), as a strength of 0 applies nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass, field
 
 from .adapter_file import AdapterFile
 from .architectures import ARCHITECTURES, Part, describe_architecture, get_architecture
+from .block_weights import BlockWeights, resolve_block_weights
 from .detection import detect_model_architecture, explained_count
 from .errors import AdapterError
 from .module import ModuleAdapter
@@ -41,6 +46,7 @@ class Patch:
     module: ModuleAdapter
     target: Target
     bias_key: str | None = None  # where the module's bias difference goes
+    factor: float = 1.0  # the block weight of the module's place: it is applied at strength × factor
 
 
 @dataclass
@@ -50,6 +56,8 @@ class LoadPlan:
     model_architecture: str | None
     patches: list[Patch]
     unmatched: dict[str, str] = field(default_factory=dict)  # stem -> why
+    block_weights: BlockWeights | None = None
+    switched_off: list[str] = field(default_factory=list)  # stems matched but at block weight 0: not planned
 
     @property
     def modules_applied(self) -> int:
@@ -74,7 +82,7 @@ class LoadPlan:
         counts = ", ".join(f"{n} {a}" for a, n in sorted(algorithms.items()))
         sliced, split, reordered = self.landings()
         text = (
-            f"{self.modules_applied}/{len(self.adapter.modules)} modules matched ({counts}) on "
+            f"{self.modules_applied + len(self.switched_off)}/{len(self.adapter.modules)} modules matched ({counts}) on "
             f"{describe_architecture(self.architecture)}"
         )
         if sliced:
@@ -83,6 +91,8 @@ class LoadPlan:
             text += f", {split} fused modules split over separate weights"
         if reordered:
             text += f", {reordered} with their rows reordered"
+        if self.switched_off:
+            text += f", {len(self.switched_off)} at block weight 0 (not applied)"
         if self.unmatched:
             text += f"; {len(self.unmatched)} unmatched"
         return text
@@ -108,7 +118,7 @@ class ModelWeights:
         self.shapes = {k: tuple(s) for k, s in weight_shapes.items()}
         self._held: dict[str, list[tuple[str, Place]]] = {}
         for key, shape in self.shapes.items():
-            if key.endswith(".weight") or (key.endswith(".scale") and len(shape) == 1):
+            if (key.endswith(".weight") and shape) or (key.endswith(".scale") and len(shape) == 1):  # not 0-D numbers
                 path = module_path(key)
                 try:
                     place = naming.place(path)
@@ -116,6 +126,11 @@ class ModelWeights:
                     place = Place(path)
                 self._held.setdefault(place.weight, []).append((key, place))
         self._max_segments = max((weight.count(".") + 1 for weight in self._held), default=1)
+
+    @property
+    def weights(self) -> list[str]:
+        """The ComfyUI weights the model holds (whole, in parts or reordered)."""
+        return list(self._held)
 
     def __contains__(self, weight: str) -> bool:
         return weight in self._held
@@ -220,18 +235,22 @@ def resolve_architecture(adapter: AdapterFile, weight_names, architecture: str =
     return model_arch or file_arch, model_arch
 
 
-def make_plan(adapter: AdapterFile, weight_shapes: Mapping[str, tuple], architecture: str = "auto") -> LoadPlan:
-    """Map every module of `adapter` onto the model whose weights have these names and shapes.
+def make_plan(adapter: AdapterFile, weight_shapes: Mapping[str, tuple], architecture: str = "auto",
+              block_weights: str = "") -> LoadPlan:
+    """Map every module of `adapter` onto the model whose weights have these names and shapes, each with
+    its factor from `block_weights` (block_weights.py; empty: 1 everywhere).
 
     Raises AdapterError (nothing applied yet) for another architecture's file, a module whose shape
-    does not fit its target, or a file of which no module matches. Modules with no counterpart in
-    the model are listed in `unmatched`.
+    does not fit its target, a file of which no module matches, or block weights that do not fit the
+    model. Modules with no counterpart in the model are listed in `unmatched`.
     """
     chosen, model_arch = resolve_architecture(adapter, weight_shapes.keys(), architecture)
     naming = naming_for(chosen)
     model = ModelWeights(weight_shapes, naming)
+    blocks = resolve_block_weights(block_weights, chosen, model.weights)
     patches: list[Patch] = []
     unmatched: dict[str, str] = {}
+    switched_off: list[str] = []
     misfits: list[str] = []
     for stem, module in adapter.modules.items():
         try:
@@ -254,6 +273,10 @@ def make_plan(adapter: AdapterFile, weight_shapes: Mapping[str, tuple], architec
             # Its magnitude is defined on rows the model keeps in several places.
             unmatched[stem] = f"DoRA module on {where}, whose rows the model keeps apart"
             continue
+        factor = blocks.factor(place.weight) if blocks else 1.0
+        if factor == 0:
+            switched_off.append(stem)
+            continue
         planned = []
         for target in targets:
             bias_key = None
@@ -262,17 +285,21 @@ def make_plan(adapter: AdapterFile, weight_shapes: Mapping[str, tuple], architec
                 if bias_key not in model.shapes:
                     misfits.append(f"module {stem} carries a bias difference but the model has no {bias_key}")
                     break
-            planned.append(Patch(stem, module, target, bias_key))
+                if tuple(model.shapes[bias_key]) != tuple(model.shapes[target.key][:1]):
+                    misfits.append(f"module {stem} carries a bias difference but the model's {bias_key} is "
+                                   f"{list(model.shapes[bias_key])}, not one value per row of {target.key}")
+                    break
+            planned.append(Patch(stem, module, target, bias_key, factor))
         else:
             patches.extend(planned)
 
     if misfits:
         more = f" (and {len(misfits) - 1} more)" if len(misfits) > 1 else ""
         raise AdapterError(f"{adapter.path}: shape mismatch: {misfits[0]}{more}")
-    if not patches:
+    if not patches and not switched_off:
         example = next(iter(adapter.modules))
         raise AdapterError(
             f"{adapter.path}: none of its {len(adapter.modules)} modules matches a weight of the model "
             f"({describe_architecture(chosen)}), e.g. {example}"
         )
-    return LoadPlan(adapter, chosen, model_arch, patches, unmatched)
+    return LoadPlan(adapter, chosen, model_arch, patches, unmatched, blocks, switched_off)

@@ -17,12 +17,14 @@ VARIANT_WORDS = {"full": "full-matrix", "low_rank": "low-rank"}
 VARIANT_NOTES = {"full": " (scale 1)"}
 
 
-# Characters a name or metadata value from a file must not carry raw into a terminal: C0/C1 controls
-# (a newline forges a line, ESC sequences drive the terminal), bidirectional overrides (text that reads
-# differently from what it is) and lone surrogates (undecodable bytes of a path; they cannot be printed).
+# Characters a name or metadata value from a file must not carry raw into a terminal: C0/C1 controls and
+# Unicode's line separators (a line break forges a line, ESC sequences drive the terminal), bidirectional
+# overrides (text that reads differently from what it is) and lone surrogates (undecodable bytes of a
+# path; they cannot be printed).
 _ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
 _ESCAPES.update({0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"})
-_ESCAPES.update({c: f"\\u{c:04x}" for c in (0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A), *range(0xD800, 0xE000))})
+_ESCAPES.update({c: f"\\u{c:04x}" for c in (0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A),
+                                            *range(0xD800, 0xE000))})
 
 
 def printable(text: str) -> str:

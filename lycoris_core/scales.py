@@ -18,6 +18,11 @@ import math
 import os
 import re
 from collections.abc import Mapping
+
+try:  # the regular-expression parser of the standard library (moved in Python 3.11)
+    from re import _parser as _regex_parser
+except ImportError:  # Python 3.10
+    import sre_parse as _regex_parser
 from dataclasses import dataclass, field
 
 from .algorithms import Algorithm
@@ -66,23 +71,77 @@ class PeftConfig:
         return text + (", rsLoRA √r" if self.use_rslora else "") + ")"
 
 
+# Patterns come from the file (or a config beside it): a regular expression can take exponential time
+# (nested repeats such as `(.*.*)*z`) or a high power of the path's length, so only patterns whose cost
+# is at most quadratic are evaluated, and only on paths of real layers' length.
+MAX_PATTERN_PATH = 256
+MAX_UNBOUNDED_REPEATS = 2
+
+
 def _pattern_value(patterns: Mapping[str, float], module_path: str, default: float) -> float:
     """PEFT's rule: the first pattern that matches the end of the path at a '.' boundary wins."""
+    if len(module_path) > MAX_PATTERN_PATH:
+        return default
     for pattern, value in patterns.items():
         if re.match(rf"(.*\.)?({pattern})$", module_path):
             return value
     return default
 
 
+def _check_pattern(where: str, name: str, pattern: str) -> None:
+    """Refuse a pattern that does not compile, or that could take more than quadratic time."""
+    try:
+        parsed = _regex_parser.parse(pattern)
+    except re.error as e:
+        raise AdapterError(f"{where}: {name} key {pattern[:60]!r} is not a regular expression ({e})") from None
+    unbounded = _repeats(parsed, inside_repeat=False)
+    if unbounded is None or unbounded + 1 > MAX_UNBOUNDED_REPEATS:  # + 1: PEFT's own `(.*\.)?` in front
+        raise AdapterError(f"{where}: {name} key {pattern[:60]!r} repeats too much to be matched in bounded time "
+                           "(nested repeats, more than one unbounded repeat or a back-reference)")
+
+
+def _repeats(parsed, inside_repeat: bool) -> int | None:
+    """Unbounded repeats in a parsed pattern; None when a repeat holds a repeat or an alternative."""
+    count = 0
+    for op, arg in parsed:
+        name = str(op)
+        if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+            low, high, sub = arg
+            if inside_repeat:
+                return None
+            inner = _repeats(sub, inside_repeat=True)
+            if inner is None:
+                return None
+            count += 1 if high == _regex_parser.MAXREPEAT else 0
+        elif name == "BRANCH":
+            if inside_repeat:
+                return None
+            for branch in arg[1]:
+                inner = _repeats(branch, inside_repeat)
+                if inner is None:
+                    return None
+                count += inner
+        elif name in ("SUBPATTERN", "ATOMIC_GROUP", "ASSERT", "ASSERT_NOT"):
+            sub = arg[-1]
+            inner = _repeats(sub, inside_repeat)
+            if inner is None:
+                return None
+            count += inner
+        elif name in ("GROUPREF", "GROUPREF_EXISTS"):
+            return None  # backreferences: no bound at all
+    return count
+
+
 PEFT_CONFIG_NAMES = ("{stem}.adapter_config.json", "{stem}.json")
+PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers writes the PEFT config into the file under this key
 
 
 def find_peft_config(path: str, metadata: Mapping[str, str]) -> PeftConfig | None:
     """The PEFT config of an adapter file, if it has one: diffusers' `lora_adapter_metadata` in the
     file, `<name>.adapter_config.json` or `<name>.json` beside it, or PEFT's own `adapter_config.json`
     beside an `adapter_model.safetensors`."""
-    if "lora_adapter_metadata" in metadata:
-        return _config_from_metadata(path, metadata["lora_adapter_metadata"])
+    if PEFT_METADATA_KEY in metadata:
+        return _config_from_metadata(path, metadata[PEFT_METADATA_KEY])
     folder, name = os.path.split(path)
     stem = name.rsplit(".", 1)[0]
     candidates = [os.path.join(folder, pattern.format(stem=stem)) for pattern in PEFT_CONFIG_NAMES]
@@ -132,10 +191,7 @@ def _make_config(where: str, config: Mapping) -> PeftConfig:
         if not isinstance(value, dict):
             raise AdapterError(f"{where}: {name} is not a mapping")
         for pattern in value:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise AdapterError(f"{where}: {name} key {pattern[:60]!r} is not a regular expression ({e})") from None
+            _check_pattern(where, name, str(pattern))
         return {str(k): number(v, f"{name}[{k!r}]") for k, v in value.items()}
 
     r = number(config.get("r", 8), "r")  # PEFT's defaults: r 8, alpha 8

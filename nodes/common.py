@@ -118,9 +118,12 @@ def report_lines(report: str, *keys: str) -> dict[str, str]:
 def load_summary(report: str) -> str:
     """The head of a load report (Loader, Apply) in a few short lines, for the node; the whole report is the
     STRING output."""
-    r = report_lines(report, "file", "architecture", "mode", "applied", "unmatched", "warning", "problem")
+    r = report_lines(report, "file", "architecture", "mode", "applied", "unmatched", "blocks", "zeroed", "warning", "problem")
     applied, _, kinds = r.get("applied", "").partition(": ")  # "24 of 24 modules: 24 lokr (20 full-matrix, ...)"
     unmatched = r.get("unmatched", "0").split(" (")[0]
     lines = [r.get("file"), f"{r.get('architecture')}, {r.get('mode')}", f"{applied} applied, {unmatched} unmatched", kinds]
+    if "blocks" in r:  # "attn_only: blocks.0-39: 0, attn 1; ...": what was asked for, and how many it turned off
+        zeroed = r.get("zeroed", "0").split(" ")[0]
+        lines.append(f"block weights {r['blocks'].split(': ')[0]}, {zeroed} modules at 0")
     lines += [f"{key}: {r[key]}" for key in ("warning", "problem") if key in r]
     return "\n".join(line for line in lines if line)

@@ -36,13 +36,17 @@ COMFYUI_MODELS = {
 }
 
 
+def architecture_input() -> io.Combo.Input:
+    return io.Combo.Input(
+        "architecture", options=ARCHITECTURES, default="auto",
+        tooltip="The model family the file is for. 'auto' reads it from the file's keys and the model's weight "
+        "names; an explicit id must agree with the model. A file for another model is an error, never ignored.",
+    )
+
+
 def _shared_inputs() -> list:
     return [
-        io.Combo.Input(
-            "architecture", options=ARCHITECTURES, default="auto",
-            tooltip="The model family the file is for. 'auto' reads it from the file's keys and the model's weight "
-            "names; an explicit id must agree with the model. A file for another model is an error, never ignored.",
-        ),
+        architecture_input(),
         io.Combo.Input(
             "mode", options=MODES, default="patch",
             tooltip="patch: merge into the weights when ComfyUI loads the model (fastest sampling). bypass: leave the "
@@ -50,6 +54,17 @@ def _shared_inputs() -> list:
         ),
         lokr_full_matrix_alpha_input(),
     ]
+
+
+def block_weights_input(applies_to: str = "the adapter") -> io.String.Input:
+    return io.String.Input(
+        "block_weights", default="", multiline=True, optional=True,
+        tooltip=f"Optional per-block strength multipliers for {applies_to} (empty: 1 everywhere). A preset (all, none, attn_only, "
+        "ffn_only, first_half, second_half; double_only, single_only where the model has both); or one number per "
+        "block in the model's order, comma-separated; or pattern=value entries, one per line or comma-separated, "
+        "later ones winning: double_blocks.0-9=0.5, single_blocks=0, attn=1, blocks.10-19.ffn=0. Layers outside the "
+        "blocks keep 1. The report lists the multiplier of every block.",
+    )
 
 
 def _comfyui_version() -> str:
@@ -60,11 +75,11 @@ def _comfyui_version() -> str:
     return __version__
 
 
-def _plan(adapter, model, architecture: str):
+def plan_for_comfyui(adapter, model, architecture: str, block_weights: str):
     """The plan on `model`. Where it fails and the file (or the asked architecture) is for a model this ComfyUI
     release has no class for, the error says so: that, not the model at hand, is what the user has to change."""
     try:
-        return plan_on_model(adapter, model, architecture)
+        return plan_on_model(adapter, model, architecture, block_weights)
     except AdapterError as e:
         wanted = adapter.architecture if architecture == "auto" else architecture
         name = COMFYUI_MODELS.get(wanted)
@@ -74,13 +89,13 @@ def _plan(adapter, model, architecture: str):
                            f"(comfy.supported_models.{name}): a newer ComfyUI is needed") from e
 
 
-def _load(model, clip, lora_name, strength_model, strength_clip, architecture, mode, lokr_full_matrix_alpha):
+def _load(model, clip, lora_name, strength_model, strength_clip, architecture, mode, lokr_full_matrix_alpha, block_weights):
     """(model, clip, report): plan against the model's weight names, then patch or hook. Raises on any problem."""
     path = adapter_path(lora_name)
     strength_model = check_strength(strength_model, path)  # the API takes any number, NaN included
     strength_clip = check_strength(strength_clip, path)
     adapter = read_adapter_cached(path, lokr_full_matrix_alpha=lokr_full_matrix_alpha)
-    plan = _plan(adapter, model, architecture)
+    plan = plan_for_comfyui(adapter, model, architecture, block_weights or "")
     notes, delegated = [], {}
     if clip is not None and strength_clip != 0:
         clip, delegated = delegate_text_encoder(clip, plan, strength_clip)
@@ -115,6 +130,7 @@ class LycorisLoaderModelOnly(io.ComfyNode):
                 io.Float.Input("strength_model", **STRENGTH, tooltip="How strongly to apply the adapter: "
                                "W + strength·scale·ΔW. Negative values subtract it."),
                 *_shared_inputs(),
+                block_weights_input(),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip=MODEL_OUT),
@@ -125,9 +141,10 @@ class LycorisLoaderModelOnly(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora_name, strength_model, architecture="auto", mode="patch",
-                lokr_full_matrix_alpha=False) -> io.NodeOutput:
+                lokr_full_matrix_alpha=False, block_weights="") -> io.NodeOutput:
         with showing_failures(cls):
-            model, _, report = _load(model, None, lora_name, strength_model, 0.0, architecture, mode, lokr_full_matrix_alpha)
+            model, _, report = _load(model, None, lora_name, strength_model, 0.0, architecture, mode, lokr_full_matrix_alpha,
+                                     block_weights)
         show_text(cls, load_summary(report))
         return io.NodeOutput(model, report, ui=ui.PreviewText(report))
 
@@ -155,6 +172,7 @@ class LycorisLoader(io.ComfyNode):
                 io.Float.Input("strength_clip", **STRENGTH,
                                tooltip="How strongly to apply the file's text-encoder modules to the CLIP."),
                 *_shared_inputs(),
+                block_weights_input(),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip=MODEL_OUT),
@@ -166,10 +184,10 @@ class LycorisLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora_name, strength_model, strength_clip, clip=None, architecture="auto", mode="patch",
-                lokr_full_matrix_alpha=False) -> io.NodeOutput:
+                lokr_full_matrix_alpha=False, block_weights="") -> io.NodeOutput:
         with showing_failures(cls):
             model, clip, report = _load(model, clip, lora_name, strength_model, strength_clip, architecture, mode,
-                                        lokr_full_matrix_alpha)
+                                        lokr_full_matrix_alpha, block_weights)
         show_text(cls, load_summary(report))
         return io.NodeOutput(model, clip, report, ui=ui.PreviewText(report))
 

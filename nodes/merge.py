@@ -29,22 +29,23 @@ from .common import (
     showing_failures,
 )
 from .converter import ARCHITECTURES
-from .loader import STRENGTH
+from .loader import STRENGTH, block_weights_input
 from .outputs import MODEL_FOLDER, listed_name, named_output
 
 
-def parse_more_adapters(text: str) -> list[tuple[str, float]]:
-    """'name[:strength]' per line (names as the loras list shows them; blank lines and # comments skipped)."""
+def parse_more_adapters(text: str) -> list[tuple[str, float, str]]:
+    """'name[:strength[:blocks]]' per line (names as the loras list shows them, block weights as the loaders
+    take them but on one line; blank lines and # comments skipped)."""
     adapters = []
     for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        name, strength = parse_adapter_arg(line)
+        name, strength, block_weights = parse_adapter_arg(line)
         path = folder_paths.get_full_path(ADAPTER_FOLDER, name.strip())
         if path is None:
             raise AdapterError(f"more_adapters: {name.strip()!r} is not a file in the loras folders")
-        adapters.append((path, strength))
+        adapters.append((path, strength, block_weights))
     return adapters
 
 
@@ -80,7 +81,8 @@ class LycorisMerge(io.ComfyNode):
                 io.String.Input(
                     "more_adapters", default="", multiline=True,
                     tooltip="More adapters to bake in the same pass, one per line: a name from the loras list, "
-                    "optionally followed by :strength (1.0 if left out).",
+                    "optionally followed by :strength (1.0 if left out) and :block weights (a preset, numbers or "
+                    "pattern=value entries, comma-separated), e.g. my_lokr.safetensors:0.8:attn_only.",
                 ),
                 io.Combo.Input(
                     "architecture", options=ARCHITECTURES, default="auto",
@@ -97,6 +99,7 @@ class LycorisMerge(io.ComfyNode):
                     "overwrite", default=False,
                     tooltip="Replace an existing file of that name. Off: an existing file is an error and stays as it is.",
                 ),
+                block_weights_input("the adapter chosen in lora_name (more_adapters take theirs after :strength)"),
             ],
             outputs=[
                 io.String.Output(display_name="path", tooltip="The model file written (absolute path)."),
@@ -108,7 +111,7 @@ class LycorisMerge(io.ComfyNode):
 
     @classmethod
     def execute(cls, unet_name, lora_name, strength, more_adapters="", architecture="auto",
-                lokr_full_matrix_alpha=False, output_name="", overwrite=False) -> io.NodeOutput:
+                lokr_full_matrix_alpha=False, output_name="", overwrite=False, block_weights="") -> io.NodeOutput:
         bar = comfy.utils.ProgressBar(100)
 
         def on_progress(done: int, total: int) -> None:
@@ -117,7 +120,7 @@ class LycorisMerge(io.ComfyNode):
 
         with showing_failures(cls):
             base = folder_paths.get_full_path_or_raise(MODEL_FOLDER, unet_name)
-            adapters = [(adapter_path(lora_name), strength), *parse_more_adapters(more_adapters)]
+            adapters = [(adapter_path(lora_name), strength, block_weights or ""), *parse_more_adapters(more_adapters)]
             output = named_output(output_name.strip() or f"{_stem(unet_name)}_{_stem(lora_name)}", overwrite, MODEL_FOLDER)
             result = merge(base, output, adapters, architecture=architecture, overwrite=overwrite,
                            lokr_full_matrix_alpha=lokr_full_matrix_alpha, progress=False, on_progress=on_progress)

@@ -23,9 +23,9 @@ from ..lycoris_core.plan import LoadPlan, Patch, make_plan
 from ..lycoris_core.rows import Rows
 
 
-def plan_on_model(adapter, model, architecture: str) -> LoadPlan:
+def plan_on_model(adapter, model, architecture: str, block_weights: str = "") -> LoadPlan:
     """The core's plan of `adapter` on the ModelPatcher `model` (its weights' names and shapes only)."""
-    return make_plan(adapter, weight_shapes(model.model_state_dict()), architecture)
+    return make_plan(adapter, weight_shapes(model.model_state_dict()), architecture, block_weights)
 
 
 class LycorisWeightPatch(comfy.weight_adapter.WeightAdapterBase):
@@ -75,8 +75,11 @@ def add_weight_patches(model, plan: LoadPlan, tensors: dict, strength: float):
     return patched
 
 
-def _patch_weights(patched, path: str, patches: list[Patch], tensors: dict, strength: float) -> None:
-    rounds: list[dict] = []  # add_patches takes a dict: a target met twice goes in a later round
+def patch_rounds(patches: list[Patch], tensors: dict, strength: float) -> list[tuple[float, dict]]:
+    """The patches as ComfyUI takes them: [(strength, {target: patch})]. ComfyUI's patch calls take a dict and one
+    strength: each patch goes in at strength × its block weight, and a target met twice at one strength goes in
+    a later dict."""
+    rounds: dict[float, list[dict]] = {}
     for patch in patches:
         target = patch.target
         items = [(_target(target.key, target.rows), LycorisWeightPatch.create(patch.module, tensors[patch.stem], target.source_rows))]
@@ -85,18 +88,29 @@ def _patch_weights(patched, path: str, patches: list[Patch], tensors: dict, stre
             if target.source_rows:
                 bias = target.source_rows.of(bias)
             items.append((_target(patch.bias_key, target.rows), ("diff", (bias,))))
+        batches = rounds.setdefault(strength * patch.factor, [])
         for target, value in items:
-            for batch in rounds:
+            for batch in batches:
                 if target not in batch:
                     batch[target] = value
                     break
             else:
-                rounds.append({target: value})
-    for batch in rounds:
-        accepted = set(patched.add_patches(batch, strength))
-        refused = [t for t in batch if t not in accepted]
-        if refused:  # the plan only names weights of this model; refusing one means it changed under us
-            raise AdapterError(f"{path}: ComfyUI did not accept patches for {refused[:3]}")
+                batches.append({target: value})
+    return [(applied, batch) for applied, batches in rounds.items() for batch in batches]
+
+
+def check_accepted(path: str, batch: dict, accepted) -> None:
+    """Raise when ComfyUI refused some of `batch`: the plan only names weights of the model, so a refusal means
+    the model changed under us, and a silently partial adapter is worse than none."""
+    accepted = set(accepted)
+    refused = [t for t in batch if t not in accepted]
+    if refused:
+        raise AdapterError(f"{path}: ComfyUI did not accept patches for {refused[:3]}")
+
+
+def _patch_weights(patched, path: str, patches: list[Patch], tensors: dict, strength: float) -> None:
+    for applied, batch in patch_rounds(patches, tensors, strength):
+        check_accepted(path, batch, patched.add_patches(batch, applied))
 
 
 def _dequantized(layer: torch.nn.Module) -> torch.Tensor:
@@ -112,7 +126,8 @@ def add_bypass_hooks(model, plan: LoadPlan, tensors: dict, strength: float):
     for patch in plan.patches:
         layer = patch.target.key.rsplit(".", 1)[0]  # `.weight`, or a norm's `.scale` (ComfyUI 0.3.64's FLUX)
         if isinstance(model.model.get_submodule(layer), torch.nn.Linear):
-            hooks.add(layer, patch.module, tensors[patch.stem], strength, patch.target.rows, patch.target.source_rows)
+            hooks.add(layer, patch.module, tensors[patch.stem], strength * patch.factor, patch.target.rows,
+                      patch.target.source_rows)
         else:
             in_weights.append(patch)
     patched = model.clone()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -87,6 +88,31 @@ def comfy_location(arch: str, path: str) -> tuple[str, int | None]:
     return path + ".weight", None
 
 
+def original_base(expected) -> dict[str, torch.Tensor]:
+    """The tiny Musubi model's weights, in Musubi's (= the original checkpoint's) naming."""
+    return {k.split("/", 1)[1]: v for k, v in expected.items() if k.startswith(("base/", "unadapted/"))}
+
+
+def comfy_base(arch, expected, key_prefix="") -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
+    """A base with ComfyUI's real weight names and shapes, holding the fixture's weights where adapted.
+
+    Returns (tensors, {Musubi path: (key, row slice)}).
+    """
+    gen = torch.Generator().manual_seed(7)
+    tensors = {key_prefix + k: torch.randn(shape, generator=gen) for k, shape in comfy_names(arch).items()}
+    where = {}
+    for path in module_paths(expected):
+        name, part = comfy_location(arch, path)
+        key = key_prefix + name
+        assert key in tensors, f"{path} -> {key} is not a weight of ComfyUI's {arch} model"
+        weight = expected[f"base/{path}.weight"]
+        rows = slice(None) if part is None else slice(part * weight.shape[0], (part + 1) * weight.shape[0])
+        assert tensors[key][rows].shape == weight.shape
+        tensors[key][rows] = weight
+        where[path] = (key, rows)
+    return tensors, where
+
+
 WILD = FIXTURES / "wild"
 
 
@@ -114,3 +140,53 @@ def wild_changed_keys(expected: dict[str, torch.Tensor], strength: str = "1.0") 
 def change_err(got: torch.Tensor, want: torch.Tensor, base: torch.Tensor) -> float:
     """||got − want|| / ||want − base||: the error relative to the size of the change."""
     return float((got.double() - want.double()).norm() / (want.double() - base.double()).norm().clamp_min(1e-30))
+
+
+# -- block weights -----------------------------------------------------------------------------------
+# The documented block order of each architecture, written out here: lists of blocks by the names their
+# weights have in the original checkpoints (= ComfyUI's, except FramePack), each list's blocks by index.
+BLOCK_ORDER = {
+    "wan": ["blocks"],
+    "hunyuan_video": ["double_blocks", "single_blocks"],
+    "hunyuan_video_1_5": ["double_blocks"],
+    "framepack": ["transformer_blocks", "single_transformer_blocks"],
+    "flux": ["double_blocks", "single_blocks"],
+    "flux2": ["double_blocks", "single_blocks"],
+    "qwen_image": ["transformer_blocks"],
+    "z_image": ["context_refiner", "siglip_refiner", "noise_refiner", "layers"],
+}
+# Words that make a Musubi module path an attention layer (FLUX / HunyuanVideo single-block linear1 and
+# linear2 and FramePack's single-block proj_out carry attention together with the MLP).
+ATTENTION_WORDS = ("attn", "attention", "linear1", "linear2", "proj_out")
+VECTOR_VALUES = (0.0, 1.5, -0.5, 2.0)  # cycled over the blocks from the last one: 0 switches it off
+
+
+def block_of(arch: str, name: str) -> tuple[str, int] | None:
+    """(list, index) of a module path or a model's weight key, or None outside the blocks."""
+    for prefix in ("model.diffusion_model.", "diffusion_model."):
+        name = name.removeprefix(prefix)
+    found = re.match(r"([a-z_]+)\.(\d+)\.", name)
+    if found and found[1] in BLOCK_ORDER[arch]:
+        return found[1], int(found[2])
+    return None
+
+
+def blocks_in(arch: str, names) -> list[tuple[str, int]]:
+    """The blocks a model with these weight names has, in block order."""
+    found = {block_of(arch, name) for name in names} - {None}
+    return sorted(found, key=lambda b: (BLOCK_ORDER[arch].index(b[0]), b[1]))
+
+
+def vector_for(blocks: list) -> list[float]:
+    """One value per block: the last block (adapted in every fixture) at 0, the others at other values."""
+    return [VECTOR_VALUES[(len(blocks) - 1 - i) % len(VECTOR_VALUES)] for i in range(len(blocks))]
+
+
+def is_attention(path: str) -> bool:
+    return any(word in path for word in ATTENTION_WORDS)
+
+
+def scaled_merge(expected: dict, path: str, strength: float, factor: float) -> torch.Tensor:
+    """base + strength·factor·ΔW of module path `path`, with ΔW = Musubi's merge at strength 1 − base."""
+    base = expected[f"base/{path}.weight"]
+    return base + strength * factor * (expected[f"merged/1.0/{path}.weight"] - base)

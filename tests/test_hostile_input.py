@@ -108,7 +108,7 @@ def test_merge_core_refuses_the_same_strengths_from_any_caller(folder):
 
 def test_strength_typo_names_the_syntax(folder):
     adapter = write(folder, "a.safetensors", lora())
-    with pytest.raises(AdapterError, match=r"strength 'abc' is not a number \(write FILE or FILE:STRENGTH"):
+    with pytest.raises(AdapterError, match=r"strength 'abc' is not a number \(write FILE, FILE:STRENGTH or FILE:STRENGTH:BLOCKS"):
         parse_adapter_arg(f"{adapter}:abc")
 
 
@@ -437,3 +437,86 @@ def test_output_names_that_cannot_be_files(folder, name):
     with pytest.raises(AdapterError):
         save_tensors(str(folder / name), {"a": torch.zeros(1)})
     assert os.listdir(folder) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# What the fuzzer found (tests/test_fuzz.py), kept as plain cases
+
+WILD = os.path.join(os.path.dirname(__file__), "fixtures", "wild")
+
+
+def test_a_bias_merge_that_overflows_is_caught(folder):
+    """The bias is worked on in a copy: merging into an fp32 bias in place once hid its own overflow."""
+    tensors = load_file(os.path.join(WILD, "comfy_wan_lokr.safetensors"))
+    tensors["diffusion_model.blocks.0.cross_attn.k.diff_b"] = torch.full((16,), 3e38, dtype=torch.bfloat16)
+    adapter = write(folder, "a.safetensors", tensors)
+    base_file = os.path.join(WILD, "bases", "wan.comfyui.safetensors")
+    refused(folder, "merge", base_file, str(folder / "out.safetensors"), "--adapter", f"{adapter}:1e38",
+            names="blocks.0.cross_attn.k.bias gives 16 non-finite")
+
+
+@pytest.mark.parametrize("bias", [torch.tensor(1.0), torch.ones(16, 1)])
+def test_a_base_bias_of_another_shape_is_named(folder, bias):
+    tensors = load_file(os.path.join(WILD, "bases", "wan.comfyui.safetensors"))
+    tensors["blocks.0.cross_attn.k.bias"] = bias
+    base_file = write(folder, "base.safetensors", tensors)
+    refused(folder, "merge", base_file, str(folder / "out.safetensors"), "--adapter",
+            os.path.join(WILD, "comfy_wan_lokr.safetensors"), names="not one value per row of blocks.0.cross_attn.k.weight")
+
+
+@pytest.mark.parametrize("name", ["hada_w1_b", "hada_w2_a"])
+def test_loha_factors_must_be_2d(folder, name):
+    """LyCORIS stores LoHa factors 2-D (a kernel folded into the columns): a 3-D one only looked like it fit."""
+    gen = torch.Generator().manual_seed(1)
+    tensors = {f"{STEM}.hada_w1_a": torch.randn(16, 4, generator=gen), f"{STEM}.hada_w1_b": torch.randn(4, 16, generator=gen),
+               f"{STEM}.hada_w2_a": torch.randn(16, 4, generator=gen), f"{STEM}.hada_w2_b": torch.randn(4, 16, generator=gen)}
+    tensors[f"{STEM}.{name}"] = tensors[f"{STEM}.{name}"].unsqueeze(-1)
+    with pytest.raises(AdapterError, match=rf"{STEM} \(loha\): .* must be 2-D"):
+        read_adapter(write(folder, "a.safetensors", tensors))
+
+
+def test_float64_beyond_float32_counts_as_nonfinite(folder):
+    """The math runs in float32, where 1e300 is Inf: convert and merge refuse it like Inf itself."""
+    adapter = write(folder, "a.safetensors", lora(**{"lora_up.weight": torch.full((16, 4), 1e300, dtype=torch.float64)}))
+    assert read_adapter(adapter).nonfinite_counts() == {f"{STEM}.lora_up.weight": 64}
+    refused(folder, "convert", adapter, str(folder / "out.safetensors"), "--to", "comfyui", names="beyond float32")
+    refused(folder, "merge", base(folder), str(folder / "out.safetensors"), "--adapter", adapter, "--arch", "wan",
+            names="beyond float32")
+
+
+def test_unicode_line_separators_are_escaped(folder):
+    path = write(folder, "a.safetensors", {**lora(), "junk\u2028key\u2029": torch.zeros(1)})
+    err = refused(folder, "convert", path, str(folder / "out.safetensors"), "--to", "comfyui", names="junk\\u2028key\\u2029")
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("pattern", ["(.*.*)*\\.z", "(a+)+", "(a|aa)+b", ".*a.*", "(a)\\1"])
+def test_peft_patterns_that_could_stall_are_refused(folder, pattern):
+    """rank_pattern / alpha_pattern are regular expressions from the file: nested repeats take exponential
+    time on a long name, so they are refused, at once."""
+    tensors = load_file(os.path.join(WILD, "peft_wan_loha_r4.safetensors"))
+    config = json.dumps({"r": 4, "alpha_pattern": {pattern: 2}})
+    path = write(folder, "p.safetensors", tensors, metadata={"lora_adapter_metadata": config})
+    with pytest.raises(AdapterError, match="bounded time"):
+        read_adapter(path)
+
+
+def test_peft_patterns_in_use_still_match(folder):
+    tensors = load_file(os.path.join(WILD, "peft_wan_loha_r4.safetensors"))
+    config = json.dumps({"r": 4, "lora_alpha": 4, "alpha_pattern": {r"blocks\.0\.attn1\.to_q": 8, "to_k": 2}})
+    adapter = read_adapter(write(folder, "p.safetensors", tensors, metadata={"lora_adapter_metadata": config}))
+    scales = {stem.split("blocks.", 1)[1]: m.scale for stem, m in adapter.modules.items()}
+    assert scales["0.attn1.to_q"] == 2.0 and scales["0.attn1.to_k"] == 0.5 and scales["0.attn1.to_v"] == 1.0
+    assert scales["0.attn2.to_q"] == 1.0  # the pattern matches a whole dotted suffix, not any end of the path
+
+
+def test_a_full_matrix_conv_lokr_takes_a_config_scale(folder):
+    """ComfyUI's Conv3d LoKr arrangement has no row blocks; a PEFT config's scale still folds into w1."""
+    tensors = {k: v for k, v in load_file(os.path.join(WILD, "comfy_wan_lokr.safetensors")).items() if not k.endswith(".alpha")}
+    source = write(folder, "c.safetensors", tensors, metadata={"lora_adapter_metadata": json.dumps({"r": 4, "alpha": 2})})
+    out = str(folder / "out.safetensors")
+    code, _, err = run("convert", source, out, "--to", "comfyui")
+    assert code == 0, err
+    before, after = read_adapter(source), read_adapter(out)
+    for stem, module in before.modules.items():
+        assert torch.allclose(after.modules[stem].delta_weight(), module.delta_weight(), rtol=1e-3, atol=1e-6), stem

@@ -16,10 +16,10 @@ from helpers import (
     ARCH_OF_PREFIX,
     MUSUBI,
     adapter_entries,
-    comfy_location,
-    comfy_names,
+    comfy_base,
     expected_weights,
     module_paths,
+    original_base,
     rel_err,
 )
 from safetensors import safe_open
@@ -31,31 +31,6 @@ COMFY_ENTRIES = [e for e in ENTRIES if e["arch_id"] != "framepack"]  # ComfyUI c
 
 def prefix_of(entry) -> str:
     return entry["file"].split("_loha_")[0].split("_lokr_")[0]
-
-
-def original_base(expected) -> dict[str, torch.Tensor]:
-    """The tiny Musubi model's weights, in Musubi's (= the original checkpoint's) naming."""
-    return {k.split("/", 1)[1]: v for k, v in expected.items() if k.startswith(("base/", "unadapted/"))}
-
-
-def comfy_base(arch, expected, key_prefix="") -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
-    """A base with ComfyUI's real weight names and shapes, holding the fixture's weights where adapted.
-
-    Returns (tensors, {Musubi path: (key, row slice)}).
-    """
-    gen = torch.Generator().manual_seed(7)
-    tensors = {key_prefix + k: torch.randn(shape, generator=gen) for k, shape in comfy_names(arch).items()}
-    where = {}
-    for path in module_paths(expected):
-        name, part = comfy_location(arch, path)
-        key = key_prefix + name
-        assert key in tensors, f"{path} -> {key} is not a weight of ComfyUI's {arch} model"
-        weight = expected[f"base/{path}.weight"]
-        rows = slice(None) if part is None else slice(part * weight.shape[0], (part + 1) * weight.shape[0])
-        assert tensors[key][rows].shape == weight.shape
-        tensors[key][rows] = weight
-        where[path] = (key, rows)
-    return tensors, where
 
 
 def run_merge(tmp_path, base_tensors, adapters, name="out.safetensors", metadata=None, **kwargs):
@@ -260,10 +235,10 @@ def test_existing_output_needs_overwrite(tmp_path):
 
 
 def test_parse_adapter_arg():
-    assert parse_adapter_arg("a.safetensors") == ("a.safetensors", 1.0)
-    assert parse_adapter_arg("a.safetensors:0.5") == ("a.safetensors", 0.5)
-    assert parse_adapter_arg("C:\\loras\\a.safetensors:-1") == ("C:\\loras\\a.safetensors", -1.0)
-    assert parse_adapter_arg("C:\\loras\\a.safetensors") == ("C:\\loras\\a.safetensors", 1.0)
+    assert parse_adapter_arg("a.safetensors") == ("a.safetensors", 1.0, "")
+    assert parse_adapter_arg("a.safetensors:0.5") == ("a.safetensors", 0.5, "")
+    assert parse_adapter_arg("C:\\loras\\a.safetensors:-1") == ("C:\\loras\\a.safetensors", -1.0, "")
+    assert parse_adapter_arg("C:\\loras\\a.safetensors") == ("C:\\loras\\a.safetensors", 1.0, "")
 
 
 def test_cli_merge_and_its_errors(tmp_path):

@@ -88,6 +88,15 @@ def require(shapes: Shapes, name: str) -> tuple:
     return tuple(shapes[name])
 
 
+def check_low_rank_pair(shapes: Shapes, left: str, right: str) -> tuple[int, int]:
+    """Shapes of `left @ right` for a LoHa/LoKr factor pair, which LyCORIS always stores 2-D (a
+    convolution's kernel is folded into the right factor's columns)."""
+    a, b = require(shapes, left), require(shapes, right)
+    if len(a) != 2 or len(b) != 2:
+        raise ShapeError(f"{left} {list(a)} and {right} {list(b)} must be 2-D")
+    return check_matmul(shapes, left, right)
+
+
 def check_matmul(shapes: Shapes, left: str, right: str) -> tuple[int, int]:
     """Shapes of `left @ right` (2-D factors, conv factors flattened); returns (rows, cols)."""
     a, b = require(shapes, left), require(shapes, right)

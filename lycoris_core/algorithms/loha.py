@@ -15,7 +15,7 @@ import torch
 
 from ..lowrank import Product
 from ..rows import Rows
-from .base import Algorithm, RowLayout, ShapeError, Shapes, Tensors, apply_by_rows, check_matmul, require
+from .base import Algorithm, RowLayout, ShapeError, Shapes, Tensors, apply_by_rows, check_low_rank_pair, require
 
 SUFFIXES = {name: name for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")}
 
@@ -28,7 +28,7 @@ def _half_shape(shapes: Shapes, i: int) -> tuple:
         if len(ts) < 3 or len(sa) != 2 or len(sb) != 2 or ts[0] != sa[0] or ts[1] != sb[0]:
             raise ShapeError(f"Tucker core {t} {list(ts)} does not fit {a} {list(sa)} and {b} {list(sb)}")
         return (sa[1], sb[1], *ts[2:])
-    rows, cols = check_matmul(shapes, a, b)
+    rows, cols = check_low_rank_pair(shapes, a, b)
     return (rows, cols)
 
 

@@ -17,7 +17,7 @@ import torch
 
 from ..lowrank import Dense, Kronecker, Product
 from ..rows import Rows
-from .base import Algorithm, RowLayout, ShapeError, Shapes, Tensors, apply_by_rows, check_matmul, require
+from .base import Algorithm, RowLayout, ShapeError, Shapes, Tensors, apply_by_rows, check_low_rank_pair, require
 
 # fp32 elements staged at once when patching a half-precision weight (4 MB, cache-sized).
 STAGE_ELEMENTS = 1 << 20
@@ -42,7 +42,7 @@ def _factor_shape(shapes: Shapes, i: int) -> tuple:
         if len(t) < 3 or len(sa) != 2 or len(sb) != 2 or t[0] != sa[0] or t[1] != sb[0]:
             raise ShapeError(f"Tucker core lokr_t2 {list(t)} does not fit {a} {list(sa)} and {b} {list(sb)}")
         return (sa[1], sb[1], *t[2:])
-    return check_matmul(shapes, a, b)
+    return check_low_rank_pair(shapes, a, b)
 
 
 def weight_shape(shapes: Shapes) -> tuple:

@@ -108,3 +108,25 @@ def test_strengths_from_the_text_list_are_checked(comfy_env, folders, line):
         bake(comfy_env, unet_name="wan_tiny.safetensors", lora_name=LOKR["file"], strength=1.0, output_name="odd",
              more_adapters=line.format(lokr=LOKR["file"]))
     assert not (output / "diffusion_models" / "odd.safetensors").exists()
+
+
+def test_block_weights_for_the_adapter_and_in_the_text_list(comfy_env, folders):
+    """`block_weights` for lora_name, `name:strength:blocks` lines for the others: Musubi's merges scaled per block."""
+    _, output = folders
+    out = bake(comfy_env, unet_name="wan_tiny.safetensors", lora_name=LOHA["file"], strength=1.0, block_weights="0, 1",
+               more_adapters=f"{LOKR['file']}:0.5:attn_only", output_name="blocks")
+    path, report = out.args
+    assert "block weights 2 numbers: blocks.0: 0; blocks.1: 1; outside the blocks: 1" in report
+    assert "block weights attn_only: blocks.0-1: 0, attn 1; outside the blocks: 1" in report
+    e1, e2 = expected_weights(LOHA), expected_weights(LOKR)
+    baked = load_file(path)
+    for p in module_paths(e1):
+        first = 0.0 if p.startswith("blocks.0.") else 1.0  # the factors, from the module paths
+        second = 1.0 if "attn" in p else 0.0
+        want = (e1[f"base/{p}.weight"].bfloat16().float() + first * (e1[f"merged/1.0/{p}.weight"] - e1[f"base/{p}.weight"])
+                + 0.5 * second * (e2[f"merged/1.0/{p}.weight"] - e2[f"base/{p}.weight"]))
+        assert ((baked[f"{p}.weight"].float() - want).abs() <= want.abs() * 2**-8 + 1e-7).all(), p
+    with pytest.raises(comfy_env.core.AdapterError, match="3 numbers given; this Wan 2.1/2.2 \\(wan\\) model has 2 blocks"):
+        bake(comfy_env, unet_name="wan_tiny.safetensors", lora_name=LOKR["file"], strength=1.0, output_name="bad",
+             more_adapters=f"{LOHA['file']}:1:1,1,1")
+    assert not (output / "diffusion_models" / "bad.safetensors").exists()

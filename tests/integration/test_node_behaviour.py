@@ -109,7 +109,7 @@ def test_errors_name_the_problem_and_leave_the_model_alone(comfy_env, lora_dir):
     tensors["lora_unet_blocks_1_ffn_0.hada_w2_b"] = tensors["lora_unet_blocks_1_ffn_0.hada_w2_b"].clone()
     tensors["lora_unet_blocks_1_ffn_0.hada_w2_b"][0, 0] = float("inf")
     broken = write(lora_dir, "broken.safetensors", tensors, metadata)
-    nonfinite = r"1 non-finite values \(NaN/Inf\) in lora_unet_blocks_1_ffn_0\.hada_w2_b \(1\); nothing was applied"
+    nonfinite = r"1 non-finite values \(NaN/Inf, or float64 beyond float32.s range\) in lora_unet_blocks_1_ffn_0\.hada_w2_b \(1\); nothing was applied"
     with pytest.raises(ValueError, match=nonfinite):
         node.execute(model=mp, lora_name=broken, strength_model=1.0)
     tensors, metadata = fixture_tensors(comfy_env, "wan_loha_r4_a2.safetensors")
