@@ -7,7 +7,14 @@ The math is the module's own (`BoundModule.bypass_forward`: LoKr never builds Δ
 factored form when that is cheaper), in fp32, cast once to the output dtype.
 
 Hooks (not a replaced `forward`) so that several sets, e.g. chained loaders, can be attached to the
-same layer and removed in any order.
+same layer and removed in any order, and so that they add to whatever the layer computes: its stored
+weight (patched, quantized) or another tool's replaced `forward` (ComfyUI core's bypass loader).
+
+A set's hooks on a model are shared by their owners: a host attaches and detaches them on behalf of
+an owner (ComfyUI: each model patcher that injects them; chained loaders hand the same set on to
+every clone), and they stay while one owner still holds them. So one owner detaching, e.g. a
+patcher leaving the model, never takes them from another, and an owner that never attached them
+detaches nothing.
 
 DoRA needs the layer's weight once for its magnitude rescale (`BoundModule.dora_rescale`); it is
 taken at the first forward, from the base weight. With several adapters on one DoRA layer, patch
@@ -126,6 +133,7 @@ class BypassSet:
     def __init__(self) -> None:
         self.layers: dict[str, list[_Entry]] = {}  # layer path (dotted, from the root) -> its adapters
         self._handles: dict[int, list] = {}  # id(root) -> hook handles
+        self._owners: dict[int, set[int]] = {}  # id(root) -> ids of the owners holding its hooks
 
     def add(
         self,
@@ -157,9 +165,12 @@ class BypassSet:
     def attached(self) -> bool:
         return bool(self._handles)
 
-    def attach(self, root: torch.nn.Module, weight_of: WeightOf = plain_weight) -> None:
-        """Hook every adapted layer of `root` (once per root; attaching twice is a no-op)."""
-        if id(root) in self._handles:
+    def attach(self, root: torch.nn.Module, weight_of: WeightOf = plain_weight, owner: object = None) -> None:
+        """Hook every adapted layer of `root` for `owner` (None: the caller). The hooks go on once per root;
+        another owner attaching shares them, the same owner attaching again changes nothing."""
+        owners = self._owners.get(id(root))
+        if owners is not None:
+            owners.add(id(owner))
             return
         handles = []
         try:
@@ -174,11 +185,20 @@ class BypassSet:
                 handle.remove()
             raise
         self._handles[id(root)] = handles
+        self._owners[id(root)] = {id(owner)}
 
-    def detach(self, root: torch.nn.Module | None = None) -> None:
-        """Remove the hooks from `root` (or from every root); layers compute as before."""
+    def detach(self, root: torch.nn.Module | None = None, owner: object = None) -> None:
+        """`owner` (None: the caller) lets go of the hooks on `root` (or on every root); they come off a
+        root when no owner holds them any more. An owner that holds none detaches nothing."""
         for key in [id(root)] if root is not None else list(self._handles):
-            for handle in self._handles.pop(key, []):
+            owners = self._owners.get(key)
+            if owners is None:
+                continue
+            owners.discard(id(owner))
+            if owners:
+                continue
+            del self._owners[key]
+            for handle in self._handles.pop(key):
                 handle.remove()
         if not self._handles:
             for entries in self.layers.values():

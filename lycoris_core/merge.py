@@ -19,6 +19,7 @@ import torch
 
 from . import dora
 from .adapter_file import read_adapter, split_key
+from .experts import select_expert
 from .errors import AdapterError
 from .finite import FLOAT32_MAX, check_strength, count_nonfinite
 from .plan import LoadPlan, Patch, make_plan
@@ -197,7 +198,8 @@ def _plan_all(base: str, entries: dict[str, TensorEntry], adapters, architecture
     bias_targets: Planned = {}
     for path, strength, block_weights in adapters:
         strength = check_strength(strength, os.fspath(path))
-        adapter = read_adapter(path, lokr_full_matrix_alpha=lokr_full_matrix_alpha)
+        # a file holding both Wan 2.2 experts is refused: one model file would get the sum of both halves
+        adapter = select_expert(read_adapter(path, lokr_full_matrix_alpha=lokr_full_matrix_alpha), None)
         adapter.check_finite()
         plan = make_plan(adapter, shapes, architecture, block_weights)
         for patch in plan.patches:

@@ -8,14 +8,18 @@ one module plus one line here.
 from comfy_api.latest import ComfyExtension, io
 
 from .converter import LycorisConvert
+from .hooks import LycorisCreateHook
 from .inspector import LycorisInspect
 from .loader import LycorisLoader, LycorisLoaderModelOnly
 from .merge import LycorisMerge
+from .pair import LycorisLoaderWan22Pair
 from .training import LycorisApply, LycorisSave, LycorisTrain
 
 NODES: list[type[io.ComfyNode]] = [
     LycorisLoaderModelOnly,
     LycorisLoader,
+    LycorisLoaderWan22Pair,
+    LycorisCreateHook,
     LycorisInspect,
     LycorisConvert,
     LycorisMerge,

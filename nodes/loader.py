@@ -8,6 +8,7 @@ from comfy_api.latest import io, ui
 
 from ..lycoris_core.architectures import SUPPORTED, describe_architecture
 from ..lycoris_core.errors import AdapterError
+from ..lycoris_core.experts import select_expert
 from ..lycoris_core.finite import check_strength
 from ..lycoris_core.loading import load_report, load_tensors, read_adapter_cached
 from ..lycoris_core.naming import is_text_encoder_stem
@@ -56,9 +57,9 @@ def _shared_inputs() -> list:
     ]
 
 
-def block_weights_input(applies_to: str = "the adapter") -> io.String.Input:
+def block_weights_input(applies_to: str = "the adapter", name: str = "block_weights") -> io.String.Input:
     return io.String.Input(
-        "block_weights", default="", multiline=True, optional=True,
+        name, default="", multiline=True, optional=True,
         tooltip=f"Optional per-block strength multipliers for {applies_to} (empty: 1 everywhere). A preset (all, none, attn_only, "
         "ffn_only, first_half, second_half; double_only, single_only where the model has both); or one number per "
         "block in the model's order, comma-separated; or pattern=value entries, one per line or comma-separated, "
@@ -89,12 +90,14 @@ def plan_for_comfyui(adapter, model, architecture: str, block_weights: str):
                            f"(comfy.supported_models.{name}): a newer ComfyUI is needed") from e
 
 
-def _load(model, clip, lora_name, strength_model, strength_clip, architecture, mode, lokr_full_matrix_alpha, block_weights):
-    """(model, clip, report): plan against the model's weight names, then patch or hook. Raises on any problem."""
+def _load(model, clip, lora_name, strength_model, strength_clip, architecture, mode, lokr_full_matrix_alpha, block_weights,
+          expert=None):
+    """(model, clip, report): plan against the model's weight names, then patch or hook. Raises on any problem.
+    `expert`: the Wan 2.2 expert the model is ("high_noise", "low_noise"), which takes its part of a file holding both."""
     path = adapter_path(lora_name)
     strength_model = check_strength(strength_model, path)  # the API takes any number, NaN included
     strength_clip = check_strength(strength_clip, path)
-    adapter = read_adapter_cached(path, lokr_full_matrix_alpha=lokr_full_matrix_alpha)
+    adapter = select_expert(read_adapter_cached(path, lokr_full_matrix_alpha=lokr_full_matrix_alpha), expert)
     plan = plan_for_comfyui(adapter, model, architecture, block_weights or "")
     notes, delegated = [], {}
     if clip is not None and strength_clip != 0:

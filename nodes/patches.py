@@ -114,8 +114,16 @@ def _patch_weights(patched, path: str, patches: list[Patch], tensors: dict, stre
 
 
 def _dequantized(layer: torch.nn.Module) -> torch.Tensor:
-    weight = layer.weight
-    return weight.dequantize() if hasattr(weight, "dequantize") else weight
+    """The weight a layer computes with, in fp32, read as ComfyUI's patcher reads it: quantized layers store
+    it scaled (`scale_weight`) or as a QuantizedTensor, and their `convert_weight` gives the real one."""
+    weight = layer.weight.to(torch.float32, copy=True)
+    convert = getattr(layer, "convert_weight", None)
+    return weight if convert is None else convert(weight, inplace=True)
+
+
+def _is_linear(layer: torch.nn.Module) -> bool:
+    # ComfyUI's mixed-precision (quantized) Linear is no torch.nn.Linear, but has its features.
+    return isinstance(layer, torch.nn.Linear) or (hasattr(layer, "in_features") and hasattr(layer, "out_features"))
 
 
 def add_bypass_hooks(model, plan: LoadPlan, tensors: dict, strength: float):
@@ -125,17 +133,20 @@ def add_bypass_hooks(model, plan: LoadPlan, tensors: dict, strength: float):
     hooks, in_weights = BypassSet(), []
     for patch in plan.patches:
         layer = patch.target.key.rsplit(".", 1)[0]  # `.weight`, or a norm's `.scale` (ComfyUI 0.3.64's FLUX)
-        if isinstance(model.model.get_submodule(layer), torch.nn.Linear):
+        if _is_linear(model.model.get_submodule(layer)):
             hooks.add(layer, patch.module, tensors[patch.stem], strength * patch.factor, patch.target.rows,
                       patch.target.source_rows)
         else:
             in_weights.append(patch)
     patched = model.clone()
     _patch_weights(patched, plan.adapter.path, in_weights, tensors, strength)
-    # One key per load: chained loaders each keep theirs, and ComfyUI tells models apart by these keys.
+    # One key per load: chained loaders each keep theirs, and ComfyUI tells models apart by these keys. Clones
+    # share the set; each patcher injects and ejects it as its owner, so one leaving the model (or one ejecting
+    # what it never injected, with the injected flag copied from its parent) leaves the others' hooks on.
     patched.set_injections(
         f"lycoris_bypass_{uuid.uuid4().hex[:12]}",
-        [PatcherInjection(inject=lambda mp: hooks.attach(mp.model, _dequantized), eject=lambda mp: hooks.detach(mp.model))],
+        [PatcherInjection(inject=lambda mp: hooks.attach(mp.model, _dequantized, owner=mp),
+                          eject=lambda mp: hooks.detach(mp.model, owner=mp))],
     )
     return patched, len({patch.stem for patch in in_weights})
 

@@ -127,6 +127,28 @@ def test_stacked_sets_add_up_and_detach_in_any_order(write_safetensors):
     assert torch.equal(layer(x), F.linear(x, weight, layer.bias))
 
 
+def test_owners_share_the_hooks_and_each_takes_off_only_its_own_hold(write_safetensors):
+    stem = "lora_unet_blocks_0_ffn_0"
+    module = read_adapter(write_safetensors(loha_tensors(stem, 12, 8))).modules[stem]
+    weight = torch.randn(12, 8)
+    layer = linear(weight)
+    merged = weight.clone()
+    module.bind().apply_(merged, 1.0)
+    hooks = BypassSet()
+    hook(hooks, "", module)
+    first, second, stranger = object(), object(), object()
+    x = torch.randn(5, 8)
+    hooks.attach(layer, owner=first)
+    hooks.attach(layer, owner=second)  # shared: still one hook
+    assert len(layer._forward_hooks) == 1
+    hooks.detach(layer, owner=stranger)  # never attached: detaches nothing
+    hooks.detach(layer, owner=first)
+    assert rel_err(layer(x), F.linear(x, merged, layer.bias)) <= 1e-5  # the second still holds them
+    hooks.detach(layer, owner=second)
+    assert not layer._forward_hooks and not hooks.attached
+    assert torch.equal(layer(x), F.linear(x, weight, layer.bias))
+
+
 def test_full_diff_with_bias_on_a_slice(write_safetensors):
     stem = "diffusion_model.layers.0.attention.to_v"
     path = write_safetensors({f"{stem}.diff": torch.randn(4, 4), f"{stem}.diff_b": torch.randn(4)})

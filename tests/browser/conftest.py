@@ -44,10 +44,14 @@ TINY_WAN = "tiny_wan.safetensors"
 MODEL_FILES = {
     "diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors": TINY_WAN,
     "diffusion_models/wan2.1_t2v_14B_fp8_e4m3fn.safetensors": TINY_WAN,
+    "diffusion_models/wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors": TINY_WAN,
+    "diffusion_models/wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors": TINY_WAN,
     "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors": None,
     "vae/wan_2.1_vae.safetensors": None,
     "loras/my_wan_lokr.safetensors": MUSUBI / "wan_lokr_r3_a2.safetensors",
     "loras/my_wan_loha.safetensors": MUSUBI / "wan_loha_r4_a2.safetensors",
+    "loras/my_wan22_high_noise_lokr.safetensors": MUSUBI / "wan_lokr_r3_a2.safetensors",
+    "loras/my_wan22_low_noise_lokr.safetensors": MUSUBI / "wan_lokr_r3_a2.diffusers.safetensors",
     "loras/flux_kontext_lokr_r3_a2.safetensors": MUSUBI / "flux_kontext_lokr_r3_a2.safetensors",
 }
 

@@ -20,8 +20,8 @@ from comfyui_host import REPO
 
 TEMPLATES = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
 PACK = "comfyui-lycoris"  # the pack's folder in custom_nodes (conftest.py links it so)
-PACK_NODES = ("LycorisLoaderModelOnly", "LycorisLoader", "LycorisInspect", "LycorisConvert", "LycorisMerge",
-              "LycorisTrain", "LycorisSave", "LycorisApply")
+PACK_NODES = ("LycorisLoaderModelOnly", "LycorisLoader", "LycorisLoaderWan22Pair", "LycorisCreateHook", "LycorisInspect",
+              "LycorisConvert", "LycorisMerge", "LycorisTrain", "LycorisSave", "LycorisApply")
 MODEL_FOLDERS = {"UNETLoader": "diffusion_models", "CLIPLoader": "text_encoders", "VAELoader": "vae"}
 PLACEHOLDERS = {"CLIPLoader", "VAELoader"}  # their files here are placeholders: a run stops there
 THUMBNAIL_LIMIT = 40_000  # bytes
@@ -187,7 +187,7 @@ def test_node_library_lists_every_pack_node_in_full(frontend, server):
 
 
 def test_template_cards_have_titles_and_thumbnails(frontend):
-    assert len(TEMPLATES) == 4, TEMPLATES
+    assert len(TEMPLATES) == 6, TEMPLATES
     assert not [n for n in TEMPLATES if n.startswith("lycoris_") or "_" in n], "file names are the cards' titles"
     page = frontend.page
     open_template_browser(frontend)

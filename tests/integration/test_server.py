@@ -35,7 +35,8 @@ from safetensors.torch import save_file
 require_comfyui()  # skips this module, with the reason, when there is no ComfyUI
 
 PACK = "comfyui-lycoris"
-NODE_IDS = ("LycorisLoaderModelOnly", "LycorisLoader", "LycorisInspect", "LycorisConvert", "LycorisMerge")
+NODE_IDS = ("LycorisLoaderModelOnly", "LycorisLoader", "LycorisLoaderWan22Pair", "LycorisCreateHook", "LycorisInspect",
+            "LycorisConvert", "LycorisMerge")
 FRONTEND_ONLY = {"Note", "MarkdownNote"}  # drawn by the frontend, never sent to the server
 TINY_WAN = "tiny_wan_t2v.safetensors"
 TINY_WAN_LOKR = "tiny_wan_lokr.safetensors"
@@ -271,6 +272,35 @@ def test_loader_workflow_runs_through_post_prompt(server):
     assert "applied       20 of 20 modules: 20 lokr" in report
     assert "architecture  Wan 2.1/2.2 (wan)" in report and "unmatched     0" in report
     assert entry["outputs"][by_type["LycorisLoaderModelOnly"]]["text"] == [report]
+
+
+def test_wan22_pair_workflow_runs_through_post_prompt(server):
+    object_info = get_json(server, "/object_info")
+    info = object_info["LycorisLoaderWan22Pair"]
+    assert info["category"] == "loaders/lycoris" and info["output"] == ["MODEL", "MODEL", "STRING"]
+    specs = {**info["input"]["required"], **info["input"].get("optional", {})}
+    assert all(spec[1].get("tooltip") for spec in specs.values()), [name for name, spec in specs.items() if not spec[1].get("tooltip")]
+    assert specs["lora_low_noise"][1]["options"][:1] == ["None"] and TINY_WAN_LOKR in specs["lora_low_noise"][1]["options"]
+    prompt = to_api(template("LycorisLoaderWan22Pair"), object_info)
+    by_type = {}
+    for node_id, node in prompt.items():
+        by_type.setdefault(node["class_type"], []).append(node_id)
+    assert len(by_type["UNETLoader"]) == 2 and len(by_type["KSamplerAdvanced"]) == 2
+    steps = sorted((prompt[n]["inputs"]["start_at_step"], prompt[n]["inputs"]["end_at_step"]) for n in by_type["KSamplerAdvanced"])
+    assert steps == [(0, 10), (10, 10000)]  # high noise first, low noise to the end, as ComfyUI's Wan 2.2 templates
+    for node_id in by_type["UNETLoader"]:
+        prompt[node_id]["inputs"]["unet_name"] = TINY_WAN
+    (pair_id,) = by_type["LycorisLoaderWan22Pair"]
+    pair = prompt[pair_id]["inputs"]
+    pair.update(lora_high_noise=TINY_WAN_LOKR, lora_low_noise=TINY_WAN_LOKR, strength_low_noise=0.5)
+    (report_id,) = by_type["PreviewAny"]
+    entry = run_prompt(server, prompt, targets=[report_id])
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    report = entry["outputs"][report_id]["text"][0]
+    high, low = report.split("\n\nlow-noise model\n")
+    assert high.startswith("high-noise model\nfile          tiny_wan_lokr.safetensors")
+    assert f"mode          {pair['mode']}, strength 1" in high and f"mode          {pair['mode']}, strength 0.5" in low
+    assert high.count("applied       20 of 20 modules: 20 lokr") == 1 and low.count("applied       20 of 20 modules") == 1
 
 
 def test_inspect_workflow_runs_through_post_prompt(server):
