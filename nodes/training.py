@@ -2,10 +2,9 @@
 Diffusers) would, or apply it to a model without saving.
 
 The training node only translates: the layers, names and math are the core's (`inject_adapters`), the loop
-is the core's (`train`). What it adds is ComfyUI's side of a denoising step, the way ComfyUI's own
-TrainLoraNode does it: a deep copy of the model (the input model is never touched), ComfyUI's sampling setup
-(`TrainGuider`: model loading, conditioning processing, latent scaling) and a loss on the model's denoised
-(x0) prediction of a latent noised at a random sigma.
+and the denoising objective are the core's (`train`, `objective.denoising_loss`), ComfyUI's side of a step is
+`denoiser.ComfyDenoiser` (shared with the `train` command). What it adds is a deep copy of the model to train
+on, made the way ComfyUI's own TrainLoraNode makes it (the input model is never touched).
 """
 
 from __future__ import annotations
@@ -19,10 +18,8 @@ import time
 from dataclasses import dataclass
 
 import comfy.model_management
-import comfy.samplers
 import comfy.utils
 import torch
-import torch.nn.functional as F
 from comfy_api.latest import io, ui
 
 from ..convert import convert_file
@@ -34,10 +31,11 @@ from ..lycoris_core.finite import check_strength
 from ..lycoris_core.loading import load_report, load_tensors
 from ..lycoris_core.training import AdapterSet, TrainingConfig, inject_adapters, save_musubi, train
 from ..lycoris_core.training.config import ALGORITHMS, SAVE_DTYPES, UNSUPPORTED_OPTIMIZERS, split_patterns
-from ..lycoris_core.training.data import training_data
-from ..lycoris_core.training.loop import batch_schedule
+from ..lycoris_core.training.data import Samples, training_data
+from ..lycoris_core.training.objective import batch_plan, denoising_loss
 from ..lycoris_core.training.plot import loss_chart_pixels
 from .common import ADVANCED, FIXED_SEED, load_summary, show_text, showing_failures
+from .denoiser import ComfyDenoiser, in_place_hint
 from .outputs import listed_name, numbered_output
 from .patches import apply_plan, plan_on_model
 
@@ -70,56 +68,6 @@ class TrainedAdapter:
 # LycorisTrain
 
 
-def denoising_loss(model_wrap, extra_args: dict, latents: torch.Tensor, caption_of: list[int], seed: int):
-    """loss_fn(batch) for the core loop: ComfyUI TrainSampler's objective.
-
-    Each sample is noised at sigma = model_sampling.percent_to_sigma(u), u ~ U(0,1), and the MSE is taken
-    between the model's denoised prediction (what ComfyUI's guider returns: x0) and the clean latent.
-    Noise and u come from a generator seeded per step (the global RNG stays the core loop's, for dropout).
-    Samples of one caption share a forward pass; captions are never mixed in one call (ComfyUI would
-    average the predictions of every cond it is given).
-    """
-    from comfy_extras.nodes_train import make_batch_extra_option_dict
-
-    sampling = model_wrap.inner_model.model_sampling
-    conds = model_wrap.conds["positive"]
-    total = latents.shape[0]
-
-    def loss_fn(batch) -> torch.Tensor:
-        step, indices = batch
-        generator = torch.Generator().manual_seed(seed + 1000 * step)
-        loss = latents.new_zeros((), dtype=torch.float32)
-        for caption in sorted({caption_of[i] for i in indices}):
-            group = [i for i in indices if caption_of[i] == caption]
-            x0 = latents[group]
-            noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0)
-            percents = torch.rand(len(group), generator=generator).tolist()
-            sigma = torch.tensor([sampling.percent_to_sigma(p) for p in percents], dtype=torch.float32, device=x0.device)
-            xt = sampling.noise_scaling(sigma, noise, x0, False)
-            target = sampling.noise_scaling(torch.zeros_like(sigma), torch.zeros_like(noise), x0, False)
-            model_wrap.conds["positive"] = [conds[caption]]
-            denoised = model_wrap(xt, sigma, **make_batch_extra_option_dict(extra_args, group, full_size=total))
-            loss = loss + F.mse_loss(denoised.float(), target.float()) * (len(group) / len(indices))
-        return loss
-
-    return loss_fn
-
-
-class _CoreLoopSampler(comfy.samplers.Sampler):
-    """The 'sampler' ComfyUI's guider calls once everything is loaded: it runs the core training loop."""
-
-    def __init__(self, run):
-        self.run = run
-
-    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
-               disable_pbar=False):
-        from comfy_extras.nodes_train import process_cond_list
-
-        process_cond_list(model_wrap.conds)  # detached copies of the processed conds, as TrainSampler does
-        self.run(model_wrap, extra_args, latent_image)
-        return torch.zeros_like(latent_image)
-
-
 def training_copy(model):
     """A deep copy of the ModelPatcher to train on (the input model is never touched), rebuilt the way
     ComfyUI's TrainLoraNode does it; also makes its weights ordinary (non-inference) tensors."""
@@ -144,47 +92,23 @@ def _copied_model(model):
     return copied
 
 
-def _train_guider():
-    """ComfyUI's sampling setup for training: TrainGuider, or where ComfyUI has none (0.3.64) Guider_Basic, which
-    its own TrainLoraNode uses there after the same load_models_gpu(force_full_load=True) as run_training."""
-    try:
-        from comfy_extras.nodes_train import TrainGuider
-    except ImportError:
-        from comfy_extras.nodes_custom_sampler import Guider_Basic as TrainGuider
-    return TrainGuider
-
-
-def run_training(model, latents: torch.Tensor, captions: list, caption_of: list[int], config: TrainingConfig,
-                 batch_size: int, progress=None, should_stop=None):
+def run_training(model, samples: Samples, config: TrainingConfig, batch_size: int, progress=None, should_stop=None):
     """Train adapters on a copy of `model`; (TrainedAdapter, core TrainResult). The copy is dropped."""
-    TrainGuider = _train_guider()  # noqa: N806 (a class)
-
     mp = training_copy(model)
     adapters = inject_adapters(mp.model.diffusion_model, config)
-    result = None
-
-    def run(model_wrap, extra_args, latent_image):
-        nonlocal result
-        loss_fn = denoising_loss(model_wrap, extra_args, latent_image, caption_of, config.seed)
-        batches = batch_schedule(latent_image.shape[0], batch_size, config.seed)
-        result = train(adapters, loss_fn, batches, config, progress=progress, should_stop=should_stop)
-
+    denoiser = ComfyDenoiser(mp)
     try:
-        adapters.to(mp.load_device)
-        # Everything else leaves the device first, as in TrainLoraNode: training needs the memory.
-        comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
-        guider = TrainGuider(mp)
-        guider.set_conds(captions)
-        comfy.model_management.in_training = True  # ComfyUI then avoids in-place ops autograd cannot handle
-        guider.sample(torch.zeros_like(latents), latents, _CoreLoopSampler(run),
-                      torch.arange(latents.shape[0], dtype=torch.float32), seed=config.seed)
+        adapters.to(denoiser.device)
+        with denoiser.loaded():
+            loss_fn = denoising_loss(samples, denoiser, config.seed)
+            batches = batch_plan(len(samples), batch_size, config.seed)
+            result = train(adapters, loss_fn, batches, config, progress=progress, should_stop=should_stop)
     except RuntimeError as e:
-        if config.gradient_checkpointing or "modified by an inplace operation" not in str(e):
+        hint = in_place_hint(e, config)
+        if hint is None:
             raise
-        raise AdapterError(f"ComfyUI's {describe_architecture(config.architecture)} model adds into activations in "
-                           "place, which the backward pass still needs: turn gradient_checkpointing on") from None
+        raise hint from None
     finally:
-        comfy.model_management.in_training = False
         adapters.remove()
     adapters.requires_grad_(False).to("cpu")
     return TrainedAdapter(adapters, result.steps, tuple(result.losses)), result
@@ -211,7 +135,7 @@ class LycorisTrain(io.ComfyNode):
                 io.Model.Input("model", tooltip="The diffusion model to train on (left unchanged: training runs on "
                                "a copy)."),
                 io.Latent.Input("latents", tooltip="The training images/videos as latents; every batch item is one "
-                                "sample, all of one size."),
+                                "sample (sizes may differ, e.g. Resolution Bucket's batches)."),
                 io.Conditioning.Input("positive", tooltip="Their captions: one conditioning for all latents, or one "
                                       "per latent (in order)."),
                 io.Combo.Input("algorithm", options=list(ALGORITHMS), default="lokr",
@@ -298,8 +222,8 @@ class LycorisTrain(io.ComfyNode):
 
         start = time.perf_counter()
         with torch.inference_mode(False), torch.enable_grad():
-            samples, captions, caption_of = training_data(latents, positive)
-            trained, result = run_training(model, samples, captions, caption_of, config, batch_size, progress,
+            samples = training_data(latents, positive)
+            trained, result = run_training(model, samples, config, batch_size, progress,
                                            comfy.model_management.processing_interrupted)
         if result.cancelled:  # ComfyUI's Cancel: stop the prompt, as every node does on an interrupt
             comfy.model_management.interrupt_current_processing(False)

@@ -9,14 +9,16 @@
 One module per concept: `config` (the options), `modules` (the trainable layers' math),
 `inject` (which layers, Musubi names, hooks), `loop` (optimizer, schedule, checkpoints),
 `checkpointing` (exact gradient checkpointing), `data` (samples from ComfyUI's inputs),
-`musubi_file` (saving as Musubi does).
+`musubi_file` (saving as Musubi does), `dataset` (samples in a folder: safetensors shards and a JSON
+index), `objective` (the denoising loss and the batches, shared out between processes),
+`distributed` (several processes: torch.distributed, DDP), `options` (a TOML file and --set).
 """
 
 from .config import TrainingConfig
-from .inject import AdapterSet, Target, inject_adapters, plan_targets
+from .inject import AdapterSet, Target, inject_adapters, plan_targets, select_targets
 from .loop import TrainProgress, TrainResult, learning_rate_at, read_checkpoint, train
 from .modules import TRAINABLE, TrainableAdapter, TrainableLoHa, TrainableLoKr, make_adapter
-from .musubi_file import musubi_hashes, musubi_metadata, save_musubi
+from .musubi_file import musubi_hashes, musubi_metadata, network_description, network_metadata, save_musubi
 
 __all__ = [
     "AdapterSet",
@@ -33,8 +35,11 @@ __all__ = [
     "make_adapter",
     "musubi_hashes",
     "musubi_metadata",
+    "network_description",
+    "network_metadata",
     "plan_targets",
     "read_checkpoint",
     "save_musubi",
+    "select_targets",
     "train",
 ]

@@ -2,25 +2,35 @@
 
 torch.utils.checkpoint gives silently wrong gradients (up to 8 % on ComfyUI's Flux and HunyuanVideo
 blocks, which do `x += ...`): it recomputes from the mutated input (keyword inputs go unchecked) and
-keeps aliases of saved tensors that the recomputed block mutates again. `checkpointed` runs the block
+keeps aliases of saved tensors that the recomputed block mutates again. `checkpointed_forward` runs the block
 on copies of its tensor inputs and copies every tensor autograd saves in the recomputation.
+
+The trainable tensors the block uses (`params`) are inputs of the checkpointed step, and their gradients
+come back through it like the activations' do: each parameter then receives its gradient once per
+backward pass, summed over every block and forward pass it took part in, as without checkpointing. (A
+recomputation that put gradients into the parameters itself would hand them over once per block call,
+which data-parallel training (DDP) cannot count: it would average the first and miss the rest.)
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch.utils.checkpoint import get_device_states, set_device_states
 
 
-def checkpointed(forward, *args, **kwargs):
-    """A block's forward without keeping its activations: they are rebuilt in the backward pass.
+def checkpointed_forward(forward, params: Callable[[], list[torch.Tensor]]):
+    """A block's `forward` without keeping its activations: they are rebuilt in the backward pass. `params()` lists
+    the tensors needing gradients that the block uses (its own and its adapters'), asked at each call."""
 
-    Exact also for blocks that add into their tensors in place (ComfyUI's Flux and HunyuanVideo blocks:
-    `x += ...`), where torch.utils.checkpoint gives silently wrong gradients: it recomputes from the
-    mutated input (keyword inputs go unchecked) and keeps aliases of saved tensors that the recomputed
-    block mutates again. Here the block runs on copies of its tensor inputs, and the recomputation
-    copies every tensor autograd saves.
-    """
+    def run(*args, **kwargs):
+        return _checkpoint(forward, tuple(params()), args, kwargs)
+
+    return run
+
+
+def _checkpoint(forward, params: tuple[torch.Tensor, ...], args: tuple, kwargs: dict):
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
     keys, count = tuple(kwargs), len(args)
@@ -30,8 +40,8 @@ def checkpointed(forward, *args, **kwargs):
         with torch.autograd.graph.saved_tensors_hooks(torch.clone, _unchanged):
             return forward(*values[:count], **dict(zip(keys, values[count:])))
 
-    # The anchor requires grad, so the backward reaches the adapters even when no input needs a gradient.
-    return _Recomputed.apply(run, torch.zeros((), requires_grad=True), *args, *kwargs.values())
+    # The anchor requires grad, so the backward reaches the block even when nothing else it takes needs a gradient.
+    return _Recomputed.apply(run, len(params), torch.zeros((), requires_grad=True), *params, *args, *kwargs.values())
 
 
 def _unchanged(tensor: torch.Tensor) -> torch.Tensor:
@@ -39,12 +49,14 @@ def _unchanged(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class _Recomputed(torch.autograd.Function):
-    """Forward without a graph; backward recomputes `run` under the forward's RNG and autocast state and
-    backpropagates through it (the adapters' gradients accumulate, the inputs' are returned)."""
+    """Forward without a graph; backward recomputes `run` under the forward's RNG and autocast state and takes the
+    gradients of the inputs and of `params` from the recomputation."""
 
     @staticmethod
-    def forward(ctx, run, anchor, *inputs):
+    def forward(ctx, run, count, anchor, *params_and_inputs):
+        params, inputs = params_and_inputs[:count], params_and_inputs[count:]
         ctx.run = run
+        ctx.params = params  # leaf tensors of the model and its adapters: kept alive by them anyway
         ctx.slots = [i for i, v in enumerate(inputs) if isinstance(v, torch.Tensor)]
         # Dicts as they are now: hosts update option dicts for later blocks (ComfyUI's transformer_options).
         ctx.others = [None if isinstance(v, torch.Tensor) else dict(v) if isinstance(v, dict) else v for v in inputs]
@@ -69,6 +81,12 @@ class _Recomputed(torch.autograd.Function):
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         pairs = [(o, g) for o, g in zip(outputs, grads)
                  if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
-        if pairs:  # none when module dropout skipped the block's adapters and no input needs a gradient
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        return (None, None, *(v.grad if isinstance(v, torch.Tensor) else None for v in inputs))
+        needing = [i for i in ctx.slots if inputs[i].requires_grad]
+        wanted = [*ctx.params, *(inputs[i] for i in needing)]
+        found = [None] * len(wanted)
+        if pairs and wanted:  # none when module dropout skipped the block's adapters and no input needs a gradient
+            found = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+        input_grads = [None] * len(inputs)
+        for i, grad in zip(needing, found[len(ctx.params):]):
+            input_grads[i] = grad
+        return (None, None, None, *found[: len(ctx.params)], *input_grads)

@@ -88,10 +88,6 @@ class TrainingConfig:
     # ------------------------------------------------------------------------------------------
 
     @property
-    def network_module(self) -> str:
-        return f"networks.{self.algorithm}"
-
-    @property
     def torch_save_dtype(self) -> torch.dtype:
         return SAVE_DTYPES[self.save_dtype]
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,7 @@ from ..module import ModuleAdapter
 from ..naming import MUSUBI_PREFIX, flatten, naming_for, template_regex
 from ..rows import Rows
 from ..safetensors_io import TensorEntry
-from .checkpointing import checkpointed
+from .checkpointing import checkpointed_forward
 from .config import TrainingConfig
 from .modules import TrainableAdapter, make_adapter
 
@@ -90,35 +91,45 @@ def plan_targets(
     exclude: tuple[str, ...] = (),
 ) -> tuple[list[Target], list[str]]:
     """(targets, skipped Musubi paths) for `model`, by Musubi's rules (module docstring)."""
+    linears = {name: (m.out_features, m.in_features) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return select_targets(linears, architecture, include, exclude)
+
+
+def select_targets(
+    linears: Mapping[str, tuple[int, int]],
+    architecture: str | None = None,
+    include: tuple[str, ...] = (),
+    exclude: tuple[str, ...] = (),
+) -> tuple[list[Target], list[str]]:
+    """(targets, skipped Musubi paths) among a model's Linear layers, given as {module path: (out, in)}
+    in the model's order (a model, or the 2-D weights of a model file), by Musubi's rules (module
+    docstring)."""
     arch = ARCHITECTURES[architecture] if architecture else None
     excludes = [re.compile(p) for p in (*exclude, *(arch.default_excludes if arch else ()))]
     includes = [re.compile(p) for p in include]
     blocks = _block_regexes(architecture)
-    candidates: dict[str, nn.Linear] = {}
-    for name, module in model.named_modules():
-        if blocks and not any(r.fullmatch(name) for r in blocks):
-            continue
-        for child_name, child in module.named_modules():
-            if isinstance(child, nn.Linear):
-                path = ".".join(p for p in (name, child_name) if p)
-                candidates.setdefault(path, child)
-        if not blocks:
-            break  # the root covers everything
     targets, skipped = [], []
-    for path, linear in candidates.items():
-        shape = (linear.out_features, linear.in_features)
+    for path, shape in linears.items():
+        if blocks and not _in_block(path, blocks):
+            continue
         for musubi_path, rows in musubi_names(architecture, path, shape):
             excluded = any(p.fullmatch(musubi_path) for p in excludes)
             if excluded and not any(p.fullmatch(musubi_path) for p in includes):
                 skipped.append(musubi_path)
                 continue
-            out_features = rows.size if rows else linear.out_features
-            targets.append(Target(path, musubi_path, out_features, linear.in_features, rows))
+            out_features = rows.size if rows else shape[0]
+            targets.append(Target(path, musubi_path, out_features, shape[1], rows))
     stems = [t.stem for t in targets]
     if len(set(stems)) != len(stems):
         dup = next(s for s in stems if stems.count(s) > 1)
         raise AdapterError(f"two layers of the model map to the same Musubi name {dup}")
     return targets, skipped
+
+
+def _in_block(path: str, blocks: list[re.Pattern]) -> bool:
+    """Whether the module at `path` is one of the blocks or inside one."""
+    parts = path.split(".")
+    return any(r.fullmatch(".".join(parts[:i])) for i in range(1, len(parts) + 1) for r in blocks)
 
 
 class AdapterSet(nn.Module):
@@ -152,12 +163,13 @@ class AdapterSet(nn.Module):
             setattr(linear, _MARK, True)
 
     def checkpoint_blocks(self, model: nn.Module, arch_id: str | None) -> int:
-        """Wrap each block's forward in torch.utils.checkpoint; returns how many."""
+        """Checkpoint each block's forward (checkpointing.py); returns how many."""
         paths = block_paths(model, arch_id)
         for path in paths:
             block = model.get_submodule(path)
             own = block.__dict__.get("forward")  # an instance-level forward someone else set
-            block.forward = functools.partial(checkpointed, own or block.forward)
+            inside = [self.adapters[s] for s, t in self.targets.items() if t.path.startswith(path + ".")]
+            block.forward = checkpointed_forward(own or block.forward, functools.partial(_trainable, block, inside))
             self._checkpointed.append((block, own))
         return len(paths)
 
@@ -233,6 +245,11 @@ class AdapterSet(nn.Module):
         params = sum(p.numel() for p in self.parameters())
         text = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
         return f"{len(self.adapters)} layers ({text}), {params:,} trainable parameters, {len(self.skipped)} excluded"
+
+
+def _trainable(block: nn.Module, adapters: list[nn.Module]) -> list[torch.Tensor]:
+    """The tensors a checkpointed block's recomputation takes gradients for: its own and its adapters' that need one."""
+    return [p for module in (block, *adapters) for p in module.parameters() if p.requires_grad]
 
 
 def _add_delta(linear: nn.Module, args, output, parts):

@@ -41,6 +41,7 @@ class TrainProgress:
     loss: float  # this step's loss (mean over its accumulated batches)
     learning_rate: float
     elapsed: float  # seconds in this call of train()
+    checkpoint: str | None = None  # the checkpoint written after this step, if one was
 
 
 @dataclass
@@ -122,12 +123,14 @@ def train(
     should_stop: Callable[[], bool] | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     resume_from: str | os.PathLike | None = None,
+    job: dict | None = None,
 ) -> TrainResult:
     """Train `adapters` until `config.max_steps` optimizer steps are done or `should_stop()`.
 
     `config` defaults to the one the adapters were made with. `progress` is called after every
     optimizer step. With `checkpoint_dir`, a checkpoint is written every `config.checkpoint_every`
-    steps and when stopped early; `resume_from` continues from one (same structural options).
+    steps and when stopped early; `resume_from` continues from one (same structural options). `job`
+    (JSON values) is stored in the checkpoints as it is, for the caller: what else a resume must agree on.
     Seeds the global torch RNG (or restores it from the checkpoint).
     """
     config = _checked_config(config or adapters.config, adapters)
@@ -154,12 +157,14 @@ def train(
             losses.append(_optimizer_step(optimizer, params, loss_fn, batches, config, lr, step))
             step += 1
             result.steps = step
-            if progress is not None:
-                progress(TrainProgress(step, config.max_steps, losses[-1], lr, time.perf_counter() - start))
+            saved = None
             if checkpoint_dir is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
-                result.checkpoints.append(save_checkpoint(checkpoint_dir, step, adapters, optimizer, batches, losses, config))
+                saved = save_checkpoint(checkpoint_dir, step, adapters, optimizer, batches, losses, config, job)
+                result.checkpoints.append(saved)
+            if progress is not None:
+                progress(TrainProgress(step, config.max_steps, losses[-1], lr, time.perf_counter() - start, saved))
         if result.cancelled and checkpoint_dir is not None and step > 0:
-            result.checkpoints.append(save_checkpoint(checkpoint_dir, step, adapters, optimizer, batches, losses, config))
+            result.checkpoints.append(save_checkpoint(checkpoint_dir, step, adapters, optimizer, batches, losses, config, job))
     finally:
         adapters.eval()
         result.elapsed = time.perf_counter() - start
@@ -213,6 +218,7 @@ def save_checkpoint(
     batches: _Batches,
     losses: list[float],
     config: TrainingConfig,
+    job: dict | None = None,
 ) -> str:
     """Write checkpoint-<step>.safetensors atomically (replacing one of the same step)."""
     os.makedirs(checkpoint_dir, exist_ok=True)
@@ -241,6 +247,7 @@ def save_checkpoint(
         "param_names": [name for name, p in adapters.named_parameters() if p.requires_grad],
         "optimizer": {"param_groups": state["param_groups"], "state": other_state},
         "data": data_info,
+        "job": job or {},
     }
     path = checkpoint_path(checkpoint_dir, step)
     save_tensors(path, tensors, {CHECKPOINT_KEY: json.dumps(info)}, overwrite=True)

@@ -72,10 +72,18 @@ class TrainableAdapter(nn.Module):
         delta = ALGORITHMS[self.algorithm].delta_weight(tensors)
         return delta.reshape(self.out_features, self.in_features) * self.scale
 
+    # Whether a layer that module dropout skips still returns a zero that depends on its parameters. Data-parallel
+    # training (DDP) needs a gradient for every parameter at every step from every process; a skipped layer's is
+    # then zero, which is what DDP averages in for a layer skipped on one process anyway.
+    dropped_in_graph = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """multiplier·s·ΔW·x in the parameters' dtype; None when module dropout skips the layer."""
         if self.training and self.module_dropout and torch.rand(1) < self.module_dropout:
-            return None
+            if not self.dropped_in_graph:
+                return None
+            zero = sum(p.reshape(-1)[:1].sum() for p in self.parameters()) * 0.0
+            return x.new_zeros((*x.shape[:-1], self.out_features), dtype=self.param_dtype) + zero
         dtype = self.param_dtype
         y = self._delta(x if x.dtype == dtype else x.to(dtype))
         if self.training and self.rank_dropout:

@@ -60,42 +60,57 @@ def musubi_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
     return model_hash, legacy_hash
 
 
-def musubi_metadata(
-    config: TrainingConfig,
-    title: str,
-    timestamp: float | None = None,
-    steps: int | None = None,
-    extra: dict[str, str] | None = None,
+# Musubi's LoRA network module of each architecture (its --network_module); LoHa and LoKr have one
+# module for every architecture, `networks.loha` and `networks.lokr`.
+LORA_NETWORK_MODULES = {
+    "wan": "networks.lora_wan",
+    "hunyuan_video": "networks.lora",
+    "hunyuan_video_1_5": "networks.lora_hv_1_5",
+    "framepack": "networks.lora_framepack",
+    "flux": "networks.lora_flux",
+    "flux2": "networks.lora_flux_2",
+    "qwen_image": "networks.lora_qwen_image",
+    "z_image": "networks.lora_zimage",
+}
+
+
+def network_module(algorithm: str, architecture: str | None) -> str:
+    """`ss_network_module` as Musubi writes it for an adapter of this algorithm and architecture."""
+    if algorithm == "lora":
+        return LORA_NETWORK_MODULES.get(architecture or "", "networks.lora")
+    return f"networks.{algorithm}"
+
+
+def network_description(
+    algorithm: str, architecture: str | None, dim: int, alpha: float | None, network_args: dict[str, str]
 ) -> dict[str, str]:
-    """The metadata a Musubi run with these options writes (without the hashes)."""
-    timestamp = time.time() if timestamp is None else timestamp
-    optimizer_args = ",".join(f"{k}={v}" for k, v in config.optimizer_args.items())
+    """Musubi's `ss_network_*` metadata: the network's module, dim, alpha and arguments (strings)."""
     metadata = {
-        "ss_output_name": title,
-        "ss_learning_rate": config.learning_rate,
-        "ss_gradient_checkpointing": config.gradient_checkpointing,
-        "ss_gradient_accumulation_steps": config.gradient_accumulation_steps,
-        "ss_max_train_steps": config.max_steps,
-        "ss_lr_warmup_steps": config.warmup_steps,
-        "ss_lr_scheduler": config.lr_scheduler,
-        "ss_network_module": config.network_module,
-        "ss_network_dim": config.rank,
-        "ss_network_alpha": float(config.alpha) if config.alpha else None,
-        "ss_network_dropout": None,
-        "ss_seed": config.seed,
-        "ss_optimizer": f"torch.optim.{config.optimizer}" + (f"({optimizer_args})" if optimizer_args else ""),
-        "ss_max_grad_norm": config.max_grad_norm,
-        "ss_training_finished_at": timestamp,
+        "ss_network_module": network_module(algorithm, architecture),
+        "ss_network_dim": str(dim),
+        "ss_network_alpha": str(float(alpha) if alpha else None),
     }
-    if steps is not None:
-        metadata["ss_steps"] = steps
-    network_args = config.network_args()
     if network_args:
         metadata["ss_network_args"] = json.dumps(network_args)
-    version = config.resolved_base_model_version()
-    if version:
-        metadata["ss_base_model_version"] = version
-    spec = MODELSPECS.get(version or "")
+    return metadata
+
+
+def network_metadata(
+    algorithm: str,
+    architecture: str | None,
+    dim: int,
+    alpha: float | None,
+    network_args: dict[str, str],
+    base_model_version: str | None,
+    title: str,
+    timestamp: float,
+) -> dict[str, str]:
+    """What Musubi's metadata says about the network itself, whoever made it: the output name,
+    `ss_network_*`, the base model version and the `modelspec.*` block (all strings)."""
+    metadata = {"ss_output_name": title, **network_description(algorithm, architecture, dim, alpha, network_args)}
+    if base_model_version:
+        metadata["ss_base_model_version"] = base_model_version
+    spec = MODELSPECS.get(base_model_version or "")
     if spec:
         metadata.update(
             {
@@ -107,8 +122,39 @@ def musubi_metadata(
                 "modelspec.date": datetime.datetime.fromtimestamp(int(timestamp)).isoformat(),
             }
         )
-    metadata.update(extra or {})
     return {k: str(v) for k, v in metadata.items()}
+
+
+def musubi_metadata(
+    config: TrainingConfig,
+    title: str,
+    timestamp: float | None = None,
+    steps: int | None = None,
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """The metadata a Musubi run with these options writes (without the hashes)."""
+    timestamp = time.time() if timestamp is None else timestamp
+    optimizer_args = ",".join(f"{k}={v}" for k, v in config.optimizer_args.items())
+    metadata = {
+        "ss_learning_rate": config.learning_rate,
+        "ss_gradient_checkpointing": config.gradient_checkpointing,
+        "ss_gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "ss_max_train_steps": config.max_steps,
+        "ss_lr_warmup_steps": config.warmup_steps,
+        "ss_lr_scheduler": config.lr_scheduler,
+        "ss_network_dropout": None,
+        "ss_seed": config.seed,
+        "ss_optimizer": f"torch.optim.{config.optimizer}" + (f"({optimizer_args})" if optimizer_args else ""),
+        "ss_max_grad_norm": config.max_grad_norm,
+        "ss_training_finished_at": timestamp,
+    }
+    if steps is not None:
+        metadata["ss_steps"] = steps
+    metadata = {k: str(v) for k, v in metadata.items()}
+    metadata.update(network_metadata(config.algorithm, config.architecture, config.rank, config.alpha,
+                                     config.network_args(), config.resolved_base_model_version(), title, timestamp))
+    metadata.update({k: str(v) for k, v in (extra or {}).items()})
+    return metadata
 
 
 def save_musubi(
