@@ -79,6 +79,41 @@ def _cmd_low_rank(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from .convert.extract import extract_file
+
+    result = extract_file(
+        args.base, args.tuned, args.out, args.algorithm, rank=args.rank, max_error=args.max_error, factor=args.factor,
+        loha_sweeps=args.loha_sweeps, to=args.to, prefix=args.prefix, arch=args.arch, dtype=args.dtype, overwrite=args.overwrite, progress=True,
+    )
+    print(printable_lines(result.summary(max_modules=args.max_modules)))
+    return 0
+
+
+def _cmd_ema(args: argparse.Namespace) -> int:
+    from .convert.ema import ema_file
+
+    result = ema_file(
+        args.checkpoints, args.out, beta=args.beta, beta2=args.beta2, sigma_rel=args.power_ema, rank=args.rank,
+        max_error=args.max_error, exact=args.exact, to=args.to, prefix=args.prefix, arch=args.arch, dtype=args.dtype,
+        overwrite=args.overwrite, progress=True,
+    )
+    print(printable_lines(result.summary(max_modules=args.max_modules)))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train_job import TrainJob, run_train
+
+    job = TrainJob(
+        model=args.model, dataset=args.dataset, out=args.out, config=args.config, assignments=args.set or [],
+        batch_size=args.batch_size, comfyui=args.comfyui, device=args.device, weight_dtype=args.weight_dtype,
+        checkpoint_dir=args.checkpoint_dir, resume=args.resume, progress_file=args.progress_file, overwrite=args.overwrite,
+        quiet=args.quiet,
+    )
+    return run_train(job)
+
+
 def _at_least_one(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -243,6 +278,93 @@ def build_parser() -> argparse.ArgumentParser:
                  "Prints every module's rank and error. A file with LoHa / LoKr modules is refused: use to-lora.")
     _low_rank_options(p, arch_ids)
 
+    p = _command(commands, "extract", "make an adapter from the difference of two diffusion-model files",
+                 "Write the LoRA, LoHa or LoKr that takes BASE to TUNED, on the layers Musubi Tuner trains for the "
+                 "architecture and under Musubi's names, read one weight at a time (fp8 dequantized with its scale). LoRA: "
+                 "truncated SVD (randomized for full-size layers, its error measured); LoHa: the same SVD written as LoHa, "
+                 "refined by alternating least squares; LoKr: the nearest Kronecker product (w2 at a lower rank with --rank "
+                 "or --max-error). Layers that did not change are skipped and counted. Prints every module's rank and "
+                 "relative error.")
+    p.add_argument("base", help="diffusion-model .safetensors before (bare keys or model.diffusion_model. prefix)")
+    p.add_argument("tuned", help="the same model after fine-tuning (same keys and shapes)")
+    p.add_argument("out", help="output .safetensors")
+    p.add_argument("--algorithm", required=True, choices=["lora", "loha", "lokr"], help="what to write")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--rank", type=_at_least_one,
+                      help="rank of every module (LoKr: of w2, kept full where Musubi keeps it full); needed for LoRA and "
+                      "LoHa unless --max-error is given")
+    size.add_argument("--max-error", type=_error_bound, metavar="E",
+                      help="per module, the smallest rank whose relative error ||dW - fitted||_F / ||dW||_F is at most E")
+    p.add_argument("--factor", type=int, default=-1,
+                   help="LoKr: split of the dimensions, Musubi's network_args factor (default -1: as balanced as possible)")
+    p.add_argument("--loha-sweeps", type=int, metavar="N",
+                   help="LoHa: at most N sweeps of alternating least squares after the SVD start (default 20; 0: the SVD "
+                   "written as LoHa)")
+    p.add_argument("--to", default="musubi", choices=["musubi", "diffusers", "comfyui"],
+                   help="key layout, as convert writes it (default musubi)")
+    p.add_argument("--prefix", help="key prefix for --to diffusers (default diffusion_model; also transformer)")
+    p.add_argument("--arch", choices=arch_ids, help="architecture (default: detect from BASE's weight names)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the written tensors (default float32)")
+    p.add_argument("--max-modules", type=int, default=40, help="module lines in the table (default 40)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(run=_cmd_extract)
+
+    p = _command(commands, "ema", "post-hoc EMA of adapter checkpoints, averaged over their weight differences",
+                 "Average adapter checkpoints (oldest first) with Musubi's post-hoc EMA weighting (a fixed --beta, "
+                 "optionally moving to --beta2, or the power-function EMA of --power-ema SIGMA_REL), taken over each "
+                 "module's scale·dW rather than over its factors. Written as a LoRA (--rank or --max-error) or exactly as full "
+                 "differences (--exact; comfyui layout by default, as the musubi layout holds none). Prints every module's "
+                 "error and the error averaging the factors (what Musubi's lora_post_hoc_ema.py does) would have.")
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="adapter files, oldest first (same modules and shapes)")
+    p.add_argument("out", help="output .safetensors")
+    schedule = p.add_mutually_exclusive_group(required=True)
+    schedule.add_argument("--beta", type=float, help="decay of the running average at each checkpoint (Musubi's default 0.95)")
+    schedule.add_argument("--power-ema", type=float, metavar="SIGMA_REL",
+                          help="power-function EMA of this relative width (above 0, at most 0.2887)")
+    p.add_argument("--beta2", type=float, help="with --beta: the decay moves linearly from beta to beta2 over the checkpoints")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--rank", type=_at_least_one, help="write a LoRA of this rank (at most each module's own)")
+    size.add_argument("--max-error", type=_error_bound, metavar="E",
+                      help="write a LoRA, per module of the smallest rank within relative error E")
+    size.add_argument("--exact", action="store_true", help="write the averages exactly, as full differences (diff)")
+    p.add_argument("--to", choices=["musubi", "diffusers", "comfyui"],
+                   help="key layout (default: the first checkpoint's; comfyui for --exact on a musubi-layout input)")
+    p.add_argument("--prefix", help="key prefix for --to diffusers (default diffusion_model; also transformer)")
+    p.add_argument("--arch", choices=arch_ids, help="architecture (default: detect from the files)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="dtype of the written tensors (default: each module's own)")
+    p.add_argument("--max-modules", type=int, default=40, help="module lines in the table (default 40)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(run=_cmd_ema)
+
+    p = _command(commands, "train", "train a LoHa / LoKr on a dataset folder, in one process or several (torchrun)",
+                 "Train a LoHa or LoKr (Musubi Tuner's layers, names and math) on a dataset folder written by Save LyCORIS "
+                 "Dataset, for a diffusion-model file loaded by ComfyUI (used as a library: --comfyui or COMFYUI_PATH), and "
+                 "write it as the Musubi file Musubi Tuner would. Options are TrainingConfig's fields, from --config and "
+                 "--set. Under torchrun --nproc_per_node N the same command trains data-parallel (DDP: NCCL on GPUs, gloo "
+                 "on the CPU), each process taking its share of every batch; rank 0 writes the files. Checkpoints resume "
+                 "on any number of processes. SIGINT/SIGTERM stop after the current step, with a checkpoint.")
+    p.add_argument("--model", required=True, metavar="FILE", help="diffusion-model .safetensors (what Load Diffusion Model loads)")
+    p.add_argument("--dataset", required=True, metavar="DIR", help="dataset folder (Save LyCORIS Dataset; pickle is refused)")
+    p.add_argument("--out", required=True, metavar="FILE", help="the trained adapter (.safetensors, Musubi layout)")
+    p.add_argument("--config", metavar="CONFIG.toml", help="training options: TrainingConfig fields by name, and batch_size")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="one training option (repeatable; after --config), e.g. --set rank=8 --set learning_rate=2e-4 "
+                   "--set 'exclude=[\".*cross_attn.*\"]'")
+    p.add_argument("--batch-size", type=_at_least_one, metavar="N", help="samples per step over all processes (default 1)")
+    p.add_argument("--comfyui", metavar="PATH", help="the ComfyUI folder whose runtime loads the model (default: COMFYUI_PATH)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: a GPU when there is one (under torchrun: GPU LOCAL_RANK each), else the CPU")
+    p.add_argument("--weight-dtype", default="default", choices=["default", "fp8_e4m3fn", "fp8_e5m2", "bfloat16", "float16", "float32"],
+                   help="the base model's weights, as Load Diffusion Model's weight_dtype (default: ComfyUI's choice)")
+    p.add_argument("--checkpoint-dir", metavar="DIR", help="where checkpoints go (default: OUT without .safetensors + _checkpoints)")
+    p.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
+                   help="continue from a checkpoint (default: the newest in the checkpoint folder)")
+    p.add_argument("--progress-file", metavar="FILE", help="append progress as JSON lines (for programs; see pydoc comfyui_lycoris.train_job)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_cmd_train)
+
     p = _command(commands, "bench", "benchmark patching, bypass, training and file work against baselines",
                  "Time and measure memory of each case against a baseline run in the same process (ratios, not "
                  "absolute numbers) and print a Markdown table.")
@@ -251,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", metavar="FILE", help="also write the results as JSON (schema: pydoc comfyui_lycoris.benchmarks)"
     )
     p.add_argument(
-        "--only", metavar="GROUP[,GROUP]", help="run only these of: apply, bypass, training, model_patch, files, reading"
+        "--only", metavar="GROUP[,GROUP]", help="run only these of: apply, bypass, training, model_patch, files, reading, train_scaling"
     )
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: a GPU when present, full run only)")
     p.set_defaults(run=_cmd_bench)

@@ -3,7 +3,8 @@
 Where the pack stands against its peers and against the hardware, every case measured against a
 baseline in the same run (interleaved medians). Groups: `apply` (W += s·ΔW), `bypass` (adapter in
 the forward pass), `training` (one LoKr step), `model_patch` (a Wan-14B-shaped LoKr onto a matching
-base), `files` (merge and convert against a plain read + write, with peak RSS). See README.md here.
+base), `files` (merge and convert against a plain read + write, with peak RSS), `reading`, and
+`train_scaling` (the `train` command at 1 and 2 processes; Train LyCORIS against ComfyUI's Train LoRA). See README.md here.
 
 JSON schema (`schema_version` 1; fields are only ever added, a change of meaning bumps the version):
 

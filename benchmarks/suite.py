@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import apply, bypass, files, model_patch, synthetic, training
+from . import apply, bypass, files, model_patch, synthetic, train_scaling, training
 from .harness import Result, machine_info, markdown, report_dict
 
-GROUPS = ("apply", "bypass", "training", "model_patch", "files", "reading")
+GROUPS = ("apply", "bypass", "training", "model_patch", "files", "reading", "train_scaling")
 WAN_ATTN = {"wan14b_attn_5120x5120": synthetic.SHAPES["wan14b_attn_5120x5120"]}
 WAN = {k: v for k, v in synthetic.SHAPES.items() if k.startswith("wan14b")}
 
@@ -37,14 +37,16 @@ class Profile:
     files_blocks: int = 3  # Wan-14B blocks in the merge base (≈ 0.7 GB each in bf16)
     files_convert_bytes: int = 1 << 30
     files_runs: int = 3
+    files_tool_runs: int = 1  # extract and to-lora decompose every layer of the base (minutes): one run
     files_tiny_tensors: int = 200_000  # the tensors of the file `inspect` reads (linear reading)
     files_key_bytes: int = 1 << 20  # the key `read_adapter` matches (linear name matching)
     dim: int = synthetic.WAN14B_DIM  # Wan model width for the whole-model and file cases
     ffn: int = synthetic.WAN14B_FFN
+    scaling_size: train_scaling.ScalingSize = field(default_factory=train_scaling.ScalingSize)  # the train_scaling group
     notes: tuple = ()
 
 
-FULL = Profile("full", apply_shapes=dict(synthetic.SHAPES), bypass_runs=5)
+FULL = Profile("full", apply_shapes=dict(synthetic.SHAPES), bypass_runs=5, scaling_size=train_scaling.FULL_SIZE)
 QUICK = Profile(
     "quick",
     apply_shapes=dict(WAN_ATTN),
@@ -62,11 +64,13 @@ QUICK = Profile(
     files_convert_bytes=32 << 20,
     files_runs=2,
     files_tiny_tensors=30_000,
+    scaling_size=train_scaling.QUICK_SIZE,
     notes=(
         "--quick runs smaller than the full run: apply at 5120×5120 only, 3 runs; bypass at 256 tokens, not "
         "4096; training at 5120×5120 only, 256 tokens, without the lycoris-lora contenders; whole-model patch of "
-        "1 Wan block, not 40; merge of a 1-block (0.7 GB) base, not the 2 GB one; convert of a 32 MB adapter, "
-        "not 1 GB; inspect of 30000 tiny tensors, not 200000; 2 runs of each file case.",
+        "1 Wan block, not 40; merge, extract and to-lora on a 1-block (0.7 GB) base, not the 2 GB one; convert of "
+        "a 32 MB adapter, not 1 GB; inspect of 30000 tiny tensors, not 200000; 2 runs of each file case (extract and "
+        "to-lora: 1, as in the full run).",
     ),
 )
 
@@ -109,10 +113,12 @@ def run(profile: Profile, groups=GROUPS, device: str = "auto", json_path: str | 
                                            profile.dim, profile.ffn)
             elif group == "files":
                 results += files.run(profile.files_blocks, profile.files_convert_bytes, profile.files_runs, temp_dir,
-                                     log, profile.dim, profile.ffn)
+                                     log, profile.dim, profile.ffn, profile.files_tool_runs)
             elif group == "reading":
                 results += files.run_reading(profile.files_tiny_tensors, profile.files_key_bytes, profile.files_runs,
                                              temp_dir, log)
+            elif group == "train_scaling":
+                results += train_scaling.run(profile.scaling_size, dev, log, temp_dir)
             else:
                 raise ValueError(f"unknown benchmark group {group!r} (one of {', '.join(GROUPS)})")
         except ValueError:

@@ -19,6 +19,9 @@ TASKS = {  # task -> (module of this package, function)
     "copy": ("files", "copy_worker"),
     "merge": ("files", "merge_worker"),
     "convert": ("files", "convert_worker"),
+    "copy_pair": ("files", "copy_worker"),
+    "extract": ("files", "extract_worker"),
+    "to_lora": ("files", "to_lora_worker"),
 }
 
 

@@ -20,6 +20,8 @@ names, alphas and the fusing or splitting of q/k/v in every layout are exactly w
 Two passes over the modules, one module at a time: the first finds every module's singular values
 (the ranks and errors, which the output's header and metadata need before any tensor is written),
 the second computes the factors as the writer asks for them, keeping the last few modules' factors.
+A DoRA module's change is a full-size matrix: at a rank well below its size it is decomposed by the
+seeded randomized SVD of `lowrank.py` (its error measured), which gives the same factors in both passes.
 """
 
 from __future__ import annotations
@@ -39,20 +41,21 @@ from ..lycoris_core.adapter_file import AdapterFile, read_adapter
 from ..lycoris_core.algorithms import ALGORITHMS
 from ..lycoris_core.errors import AdapterError
 from ..lycoris_core.finite import count_nonfinite
-from ..lycoris_core.lowrank import Dense, Factored, error_at, lora_factors, rank_for_error
-from ..lycoris_core.merge import FP8_DTYPES, _quant_scale
+from ..lycoris_core.lowrank import Choice, Dense, Factored, choose_rank, lora_factors
 from ..lycoris_core.module import ALPHA, BIAS, DORA, BoundModule, ModuleAdapter
 from ..lycoris_core.plan import Target, make_plan
 from ..lycoris_core.report import printable
+from ..lycoris_core.rows import Rows
 from ..lycoris_core.safetensors_io import (
     SafetensorsReader,
     TensorEntry,
     append_records,
     check_output_path,
-    dtype_name,
     stale_temp_files,
 )
+from ..lycoris_core.weight_rows import WeightRows, return_freed_memory
 from .converter import DIFFUSERS_PREFIXES, TARGETS, ConversionResult, _listing, plan_conversion, write_plan
+from .progress import OnProgress, Progress
 
 LOW_RANK_KEY = "comfyui_lycoris.low_rank"  # the records to-lora and resize append to a file's metadata
 NETWORK_METADATA_PREFIX = "ss_network_"  # kohya / Musubi: the trained network's module, dim, alpha and args
@@ -76,10 +79,9 @@ class RankRule:
         if self.max_error is not None and not (0 <= self.max_error < math.inf):
             raise AdapterError(f"maximum error must be a number of at least 0, not {self.max_error!r}")
 
-    def choose(self, singular_values: torch.Tensor) -> int:
-        if self.rank is not None:
-            return min(self.rank, len(singular_values))
-        return rank_for_error(singular_values, self.max_error)
+    def choose(self, form: Factored) -> Choice:
+        """The rank, error and decomposition of one module's ΔW (`lowrank.choose_rank`)."""
+        return choose_rank(form, self.rank, self.max_error)
 
     def describe(self) -> dict:
         return {"rank": self.rank} if self.rank is not None else {"max_error": self.max_error}
@@ -150,18 +152,20 @@ def to_lora_file(
     overwrite: bool = False,
     lokr_full_matrix_alpha: bool = False,
     progress: bool = False,
+    on_progress: OnProgress | None = None,
 ) -> LowRankResult:
     """Write every module of the adapter file `input` as a LoRA of `rank`, or of the smallest rank whose
     relative Frobenius error is at most `max_error`, in the `to` layout (default: the input's layout
     when it is musubi, diffusers or comfyui, else comfyui) at `output`.
 
     `base`: a diffusion-model file, needed for DoRA modules. `dtype`: float32, float16 or bfloat16
-    (default: each module's own). Raises AdapterError (nothing written) for DoRA without a base, an
+    (default: each module's own). `progress`: a terminal bar; `on_progress(done, total)`: called after
+    each module decomposed and each written, and may raise to stop (nothing is written then). Raises AdapterError (nothing written) for DoRA without a base, an
     existing output without `overwrite`, an output that is the input, NaN/Inf values, or anything
     `convert` refuses.
     """
     return _low_rank_file("to-lora", input, output, RankRule(rank, max_error), to, prefix, arch, base, dtype,
-                          overwrite, lokr_full_matrix_alpha, progress)
+                          overwrite, lokr_full_matrix_alpha, progress, on_progress)
 
 
 def resize_file(
@@ -176,11 +180,12 @@ def resize_file(
     dtype: str | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    on_progress: OnProgress | None = None,
 ) -> LowRankResult:
     """`to_lora_file` for a LoRA file: its modules at another rank. A file with LoHa, LoKr or full
     weight differences is refused (to_lora_file takes those)."""
     return _low_rank_file("resize", input, output, RankRule(rank, max_error), to, prefix, arch, base, dtype,
-                          overwrite, False, progress)
+                          overwrite, False, progress, on_progress)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,9 +197,10 @@ class _Job:
     path: str  # the input file, for messages
     module: ModuleAdapter
     dtype: torch.dtype  # of the output factors
-    base_weight: Callable[[], torch.Tensor] | None = None  # DoRA: the weight it lands on, shaped as ΔW
+    base_weight: Callable[[], WeightRows] | None = None  # DoRA: the weight it lands on, read by rows
     rank: int | None = None
     error: float = 0.0
+    width: int | None = None  # the sketch the rank was chosen on (lowrank.Choice), None: the exact SVD
 
     @property
     def kept(self) -> bool:
@@ -219,7 +225,7 @@ class _Job:
 
     def factors(self) -> dict[str, torch.Tensor]:
         """The LoRA's up and down, in the output dtype (cast once) and the kohya/Musubi conv shapes."""
-        up, down = lora_factors(self.form(), self.rank)
+        up, down = lora_factors(self.form(), self.rank, self.width)
         shape = self.module.shape
         return {
             "up": up.to(self.dtype).reshape(shape[0], self.rank, *[1] * (len(shape) - 2)),
@@ -227,14 +233,38 @@ class _Job:
         }
 
 
-def _dora_change(bound: BoundModule, weight: torch.Tensor) -> torch.Tensor:
-    """W' − W at strength 1 for a DoRA module on `weight`: (W + s·ΔW)·(magnitude / its norm) − W, as
-    LyCORIS's module forward applies it (dora.py); 2-D."""
+def _dora_change(bound: BoundModule, weight: WeightRows) -> torch.Tensor:
+    """W' − W at strength 1 for a DoRA module on the weight `weight` reads: (W + s·ΔW)·(magnitude / its norm) − W,
+    as LyCORIS's module forward applies it (dora.py); 2-D, float32. Built a block of rows at a time, so that
+    it is the only full-size matrix held: s·ΔW and the norms of W + s·ΔW first, then W·(f − 1) + s·ΔW·f with
+    the factor f of those norms (the change itself is stored, never W + s·ΔW, whose rounding would swamp it)."""
     record = bound.record
-    weight = weight.double().reshape(record.shape)
-    change = bound.delta_weight(torch.float64)
-    factor = dora.rescale_factor(weight + change, bound.tensors[DORA], 1.0).double()
-    return (weight * (factor - 1) + change * factor).reshape(record.shape[0], -1)
+    shape, out_rows = record.shape, dora.on_output_axis(bound.tensors[DORA], record.shape)
+    change = torch.empty(shape, dtype=torch.float32)
+    squares = torch.zeros(shape[0] if out_rows else shape[1], dtype=torch.float64)
+    buffer, bad = None, 0
+    for start, stop, w in weight.blocks():
+        bad += count_nonfinite(w)
+        buffer = torch.empty_like(w) if buffer is None else buffer  # one block's room, reused
+        adapted = buffer[: stop - start].zero_()
+        record.math.apply_(adapted, bound.tensors, record.scale, Rows(start, stop))
+        change[start:stop] = adapted  # s·ΔW for now
+        adapted += w
+        if out_rows:
+            squares[start:stop] = torch.linalg.vector_norm(adapted.reshape(stop - start, -1), dim=1).square()
+        else:
+            squares += torch.linalg.vector_norm(adapted.transpose(0, 1).reshape(shape[1], -1), dim=1).square()
+    if bad:
+        raise AdapterError(f"{weight.reader.path}: {weight.key} holds {bad} NaN/Inf values (the base weight of DoRA module "
+                           f"{record.stem})")
+    # the factor by dora.py's own formula, given a matrix whose row (or column) norms are those norms
+    norms = squares.sqrt()
+    norms = norms.reshape(shape[0], *[1] * (len(shape) - 1)) if out_rows else norms.reshape(1, shape[1], *[1] * (len(shape) - 2))
+    factor = dora.rescale_factor(norms, bound.tensors[DORA], 1.0).double()
+    for start, stop, w in weight.blocks():
+        f = factor[start:stop] if out_rows else factor
+        change[start:stop] = w.mul_(f - 1).addcmul_(change[start:stop], f)
+    return change.reshape(shape[0], -1)
 
 
 def _module_dtype(module: ModuleAdapter) -> torch.dtype:
@@ -266,7 +296,7 @@ class _BaseWeights:
             self.targets.setdefault(patch.stem, []).append(patch.target)
         self.unmatched = plan.unmatched
 
-    def getter(self, module: ModuleAdapter) -> Callable[[], torch.Tensor]:
+    def getter(self, module: ModuleAdapter) -> Callable[[], WeightRows]:
         targets = self.targets.get(module.stem)
         if not targets:
             why = self.unmatched.get(module.stem, "no weight of the model has this name")
@@ -275,20 +305,8 @@ class _BaseWeights:
                 f"gives none ({why})"
             )
         (target,) = targets  # the plan leaves a DoRA module on rows kept in several places unmatched
-        return lambda: self._read(target, module)
-
-    def _read(self, target: Target, module: ModuleAdapter) -> torch.Tensor:
-        weight = self.reader.get(target.key)
-        if target.rows is not None:
-            weight = target.rows.of(weight)
-        if not weight.dtype.is_floating_point:
-            raise AdapterError(f"{self.path}: {target.key} has dtype {dtype_name(weight.dtype)}, not a float type")
-        if weight.dtype in FP8_DTYPES:
-            scale = _quant_scale(target.key, self.reader.header.tensors, self.reader)
-            weight = weight.float() * scale if scale is not None else weight.float()
-        if count_nonfinite(weight):
-            raise AdapterError(f"{self.path}: {target.key} holds NaN/Inf values (the base weight of DoRA module {module.stem})")
-        return weight.reshape(module.shape)
+        first, rows = (target.rows.start, target.rows.size) if target.rows is not None else (0, None)
+        return lambda: WeightRows(self.reader, target.key, first, rows)
 
     def close(self) -> None:
         self.reader.close()
@@ -302,8 +320,9 @@ class _Factors:
     """The tensor loader of the LoRA records: computes a module's factors when the writer first asks
     for one of them, keeps the last few modules', and reads everything else from the input."""
 
-    def __init__(self, jobs: list[_Job], load_input: Callable[[str], torch.Tensor]):
-        self.load_input = load_input
+    def __init__(self, jobs: list[_Job], load_input: Callable[[str], torch.Tensor], progress: Progress):
+        self.load_input, self.progress = load_input, progress
+        self.counted: set[str] = set()  # modules whose writing was counted
         self.keys = {key: (job, name) for job in jobs if not job.kept for name, key in _lora_keys(job.module.stem).items()}
         self.made: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
 
@@ -321,6 +340,11 @@ class _Factors:
             self.made[stem] = _naming_the_module(job, job.factors)
             while len(self.made) > KEPT_MODULES:
                 self.made.popitem(last=False)
+            if job.base_weight is not None:
+                return_freed_memory()
+            if stem not in self.counted:
+                self.counted.add(stem)
+                self.progress.step()
         return self.made[stem][name]
 
 
@@ -389,18 +413,19 @@ def _check_lora_only(adapter: AdapterFile) -> None:
         )
 
 
-def _choose_ranks(jobs: list[_Job], rule: RankRule, bar) -> None:
-    """First pass: every module's singular values, its rank under `rule` and the error there."""
+def _choose_ranks(jobs: list[_Job], rule: RankRule, progress: Progress) -> None:
+    """First pass: every module's rank under `rule`, the error there and the decomposition it comes from."""
     for job in jobs:
         if not job.kept:
-            singular_values = _naming_the_module(job, lambda job=job: job.form().singular_values())
-            job.rank = rule.choose(singular_values)
-            job.error = error_at(singular_values, job.rank)
-        bar.update(1)
+            choice = _naming_the_module(job, lambda job=job: rule.choose(job.form()))
+            job.rank, job.error, job.width = choice.rank, choice.error, choice.width
+            if job.base_weight is not None:  # a full-size change was built: hand its scratch memory back
+                return_freed_memory()
+            progress.step()
 
 
 def _low_rank_file(command, input, output, rule: RankRule, to, prefix, arch, base, dtype, overwrite,
-                   lokr_full_matrix_alpha, progress) -> LowRankResult:
+                   lokr_full_matrix_alpha, progress, on_progress) -> LowRankResult:
     input, output = os.fspath(input), os.fspath(output)
     base = os.fspath(base) if base is not None else None
     if dtype is not None and dtype not in DTYPES:
@@ -440,11 +465,8 @@ def _low_rank_file(command, input, output, rule: RankRule, to, prefix, arch, bas
         # Whether the layout can hold these LoRA modules does not depend on their ranks: ask before any SVD.
         plan_conversion(_lora_file(adapter, jobs, dict(adapter.metadata), None, lambda job: 1), target, prefix, arch)
 
-        bar = _progress_bar(len(jobs), command, progress)
-        try:
-            _choose_ranks(jobs, rule, bar)
-        finally:
-            bar.close()
+        counter = stack.enter_context(Progress(2 * sum(not job.kept for job in jobs), command, progress, on_progress))
+        _choose_ranks(jobs, rule, counter)
         reports = [ModuleReport(job.module.stem, job.algorithm, None if job.kept else job.rank, job.error) for job in jobs]
         # The trainer's description of its network (module, dim, alpha, args such as algo=lokr) is no longer
         # true of the output: it moves into the record, so no tool takes the file for what it was.
@@ -459,14 +481,8 @@ def _low_rank_file(command, input, output, rule: RankRule, to, prefix, arch, bas
         record["modules"] = {report.stem: report.record() for report in reports}
         append_records(metadata, LOW_RANK_KEY, [record])
 
-        lora = _lora_file(adapter, jobs, metadata, _Factors(jobs, adapter.load), lambda job: job.rank)
+        lora = _lora_file(adapter, jobs, metadata, _Factors(jobs, adapter.load, counter), lambda job: job.rank)
         plan = plan_conversion(lora, target, prefix, arch)
-        result = write_plan(plan, output, overwrite=overwrite, progress=progress)
+        result = write_plan(plan, output, overwrite=overwrite)
     result.stale = stale
     return LowRankResult(command, rule, result, reports, notes)
-
-
-def _progress_bar(total: int, command: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="module", desc=command, disable=None if enabled else True, leave=False)

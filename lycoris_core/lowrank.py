@@ -11,24 +11,46 @@ A module's ΔW (flattened to 2-D: rows = output features, columns = everything e
   is (U_A⊗U_B)(Σ_A⊗Σ_B)(V_A⊗V_B)ᵀ: the singular values are the products σ_i(A)·σ_j(B), and the
   singular vectors of the top products are Kronecker products of the factors' vectors.
 
-All math is float64 (callers pass float64 tensors). The best rank-r approximation (Eckart–Young) keeps
-the r largest singular values; its relative Frobenius error is √(Σ_{i>r} σ_i²) / √(Σ σ_i²).
+All math is float64 (a Dense matrix may be stored in float32: it is read in float64 blocks). The best
+rank-r approximation (Eckart–Young) keeps the r largest singular values; its relative Frobenius error
+is √(Σ_{i>r} σ_i²) / √(Σ σ_i²).
+
+A large Dense matrix (a weight difference of a full-size model) is decomposed by a randomized
+truncated SVD instead (`Sketch`, Halko, Martinsson & Tropp, "Finding structure with randomness",
+2011: a Gaussian sketch of a few more columns than the rank, sharpened by subspace iterations, then
+the exact SVD of the matrix projected on it), read a block of rows at a time: for a 13824×5120 weight
+at rank 32 it takes a second where the full SVD takes a minute, and no more memory than the matrix.
+Its factors are the projection of ΔW on the sketch's span, so their error is measured, not estimated
+(‖ΔW‖² splits exactly into what the span misses, measured directly, and the dropped singular values);
+it is at least the optimal error, and equal to it where ΔW's rank is within the sketch. `choose_rank`
+decides which route a form takes and says which (`Choice.width`), so that the factors computed later
+come from the same decomposition as the error reported.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
 SVD = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (U (m, q), σ (q,) descending, Vᴴ (q, n))
+BLOCK_ELEMENTS = 1 << 20  # a Dense matrix is read this many elements at a time (8 MB of float64)
+OVERSAMPLING = 10  # sketch columns beyond the rank asked for
+POWER_ITERATIONS = 4  # subspace iterations: they sharpen the sketch where the singular values decay slowly
+FIRST_WIDTH = 32  # for an error bound: the first sketch's width, doubled until the bound is met
+SKETCH_FRACTION = 0.2  # a sketch wider than this fraction of min(m, n) costs about the full SVD: that is taken
+SKETCH_SEED = 0  # a fixed seed: the same matrix gives the same factors every time
 
 
 class Dense:
-    """ΔW as a matrix."""
+    """ΔW as a matrix (float64, or float32 for a large one: read in float64 blocks of rows)."""
 
     def __init__(self, matrix: torch.Tensor):
         self.matrix = matrix
+        self._sketches: dict[int, Sketch] = {}
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -41,17 +63,36 @@ class Dense:
     def scaled(self, factor: float) -> Dense:
         return Dense(self.matrix * factor)
 
+    def blocks(self, dtype: torch.dtype = torch.float64) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(first row, end row, a copy of the rows in `dtype`), a block of about BLOCK_ELEMENTS at a time.
+        The copy is one buffer, reused for every block (it is the caller's until the next one): a new
+        block each time would leave the allocator holding freed ones, hundreds of MB on a large matrix."""
+        step = max(1, BLOCK_ELEMENTS // max(1, self.shape[1]))
+        buffer = torch.empty(min(step, self.shape[0]), self.shape[1], dtype=dtype)
+        for start in range(0, self.shape[0], step):
+            stop = min(self.shape[0], start + step)
+            yield start, stop, buffer[: stop - start].copy_(self.matrix[start:stop])
+
+    @property
+    def stored_dtype(self) -> torch.dtype:
+        return self.matrix.dtype
+
     @functools.cached_property
     def svd(self) -> SVD:
-        return torch.linalg.svd(self.matrix, full_matrices=False)
+        return torch.linalg.svd(self.matrix.double(), full_matrices=False)
 
     def singular_values(self) -> torch.Tensor:
         if "svd" in self.__dict__:
             return self.svd[1]
-        return torch.linalg.svdvals(self.matrix)
+        return torch.linalg.svdvals(self.matrix.double())
 
-    def truncated(self, rank: int) -> SVD:
-        u, s, vh = self.svd
+    def sketch(self, width: int) -> Sketch:
+        if width not in self._sketches:
+            self._sketches = {width: sketched_svd(self, width)}  # the last one only: they are as big as the rows
+        return self._sketches[width]
+
+    def truncated(self, rank: int, width: int | None = None) -> SVD:
+        u, s, vh = self.svd if width is None else self.sketch(width).svd
         return u[:, :rank], s[:rank], vh[:rank]
 
 
@@ -183,11 +224,11 @@ def rank_for_error(singular_values: torch.Tensor, max_error: float) -> int:
     return int(meets[0]) + 1 if len(meets) else len(singular_values)
 
 
-def lora_factors(form: Factored, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up (m, rank), down (rank, n)) with up·down the best rank-`rank` approximation of ΔW, each
-    singular value split as √σ into both (balanced factors: neither overflows a half-precision type
-    before the other)."""
-    u, s, vh = form.truncated(rank)
+def lora_factors(form: Factored, rank: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up (m, rank), down (rank, n)) with up·down the best rank-`rank` approximation of ΔW (of the
+    sketch of `width` where `choose_rank` chose one), each singular value split as √σ into both
+    (balanced factors: neither overflows a half-precision type before the other)."""
+    u, s, vh = form.truncated(rank, width) if width is not None else form.truncated(rank)
     root = s.sqrt()
     return u * root, root[:, None] * vh
 
@@ -195,3 +236,122 @@ def lora_factors(form: Factored, rank: int) -> tuple[torch.Tensor, torch.Tensor]
 def error_at(singular_values: torch.Tensor, rank: int) -> float:
     """The relative Frobenius error of the best rank-`rank` approximation."""
     return float(relative_errors(singular_values)[rank])
+
+
+# ---------------------------------------------------------------------------------------------
+# Large matrices: a randomized truncated SVD, a block of rows at a time
+
+
+@dataclass
+class Sketch:
+    """A truncated SVD from a sketch of `width` columns: U (m, width) orthonormal, σ, Vᴴ (width, n)."""
+
+    svd: SVD
+    rest: float  # ‖ΔW − U·Uᵀ·ΔW‖²_F: what the sketch's span misses, measured
+    total: float  # ‖ΔW‖²_F
+
+    def errors(self) -> torch.Tensor:
+        """The relative Frobenius error of the rank-r factors U_r·σ_r·Vᴴ_r, r = 0 … width: the span's miss
+        plus the singular values dropped, summed from the smallest up."""
+        squares = self.svd[1].square()
+        tails = torch.cat([squares.flip(0).cumsum(0).flip(0), squares.new_zeros(1)]) + self.rest
+        if not self.total > 0:
+            return torch.zeros_like(tails)
+        return (tails / self.total).clamp(max=1.0).sqrt()
+
+
+def sketched_svd(matrix: Dense, width: int) -> Sketch:
+    """Halko–Martinsson–Tropp: Q spans ΔW·Ω (Ω Gaussian, n × width), refined by POWER_ITERATIONS rounds
+    of Q ← orth(ΔW·orth(ΔWᵀ·Q)); then ΔW ≈ Q·(QᵀΔW) and the SVD of the small QᵀΔW gives ΔW's.
+    `matrix` is read through `blocks()` only: 2·POWER_ITERATIONS + 3 passes over its rows. The passes
+    that only find the span run in the dtype ΔW is stored in (float32 for a large one: twice as fast, and
+    the span comes out as good); QᵀΔW and what the span misses are float64, so the error is exact for the
+    factors made of them."""
+    m, n = matrix.shape
+    work = matrix.stored_dtype if matrix.stored_dtype in (torch.float32, torch.float64) else torch.float64
+    generator = torch.Generator().manual_seed(SKETCH_SEED)
+    omega = torch.randn(n, width, generator=generator, dtype=torch.float64).to(work)
+    q = _orthonormal(_times(matrix, omega, work))
+    for _ in range(POWER_ITERATIONS):
+        q = _orthonormal(_times(matrix, _orthonormal(_transposed_times(matrix, q, work)), work))
+    q = _orthonormal(q.double())
+    projected = _transposed_times(matrix, q, torch.float64).T  # (width, n) = Qᵀ·ΔW
+    rest = total = 0.0
+    for start, stop, block in matrix.blocks():
+        flat = block.reshape(-1)
+        total += float(torch.dot(flat, flat))
+        block.addmm_(q[start:stop], projected, alpha=-1)  # the block's rows of ΔW − Q·QᵀΔW
+        rest += float(torch.dot(flat, flat))
+    u, s, vh = torch.linalg.svd(projected, full_matrices=False)
+    return Sketch((q @ u, s, vh), rest, total)
+
+
+def _orthonormal(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(x).Q
+
+
+def _times(matrix: Dense, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """ΔW·x, in `dtype`."""
+    x = x.to(dtype)
+    out = x.new_empty(matrix.shape[0], x.shape[1])
+    for start, stop, block in matrix.blocks(dtype):
+        torch.matmul(block, x, out=out[start:stop])
+    return out
+
+
+def _transposed_times(matrix: Dense, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """ΔWᵀ·y, in `dtype`."""
+    y = y.to(dtype)
+    out = y.new_zeros(matrix.shape[1], y.shape[1])
+    for start, stop, block in matrix.blocks(dtype):
+        out.addmm_(block.T, y[start:stop])
+    return out
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A module's rank, the relative error of its factors there, and the sketch width they come from
+    (None: the exact spectrum)."""
+
+    rank: int
+    error: float
+    width: int | None = None
+
+
+def _sketchable(form: Factored, width: int) -> bool:
+    return isinstance(form, Dense) and width <= SKETCH_FRACTION * form.max_rank
+
+
+def choose_rank(form: Factored, rank: int | None = None, max_error: float | None = None) -> Choice:
+    """The rank of `form` (exactly one of `rank`, capped at the form's own, and `max_error`, the smallest
+    rank whose relative error is within it) and the error there. A large Dense matrix is sketched
+    (module docstring): at `rank` + OVERSAMPLING columns, or for an error bound at FIRST_WIDTH columns,
+    doubled until some rank within the sketch meets the bound; the exact spectrum once the width would
+    no longer be small."""
+    if rank is not None:
+        width = rank + OVERSAMPLING
+        if _sketchable(form, width):
+            return Choice(rank, float(form.sketch(width).errors()[rank]), width)
+        values = form.singular_values()
+        rank = min(rank, len(values))
+        return Choice(rank, error_at(values, rank))
+    width = FIRST_WIDTH
+    while _sketchable(form, width):
+        errors = form.sketch(width).errors()
+        meets = (errors[1:] <= max_error).nonzero()
+        if len(meets):
+            found = int(meets[0]) + 1
+            return Choice(found, float(errors[found]), width)
+        width *= 2
+    values = form.singular_values()
+    found = rank_for_error(values, max_error)
+    return Choice(found, error_at(values, found))
+
+
+def frobenius_squared(form: Factored) -> float:
+    """‖ΔW‖²_F of a form (a Dense one read a block at a time)."""
+    if isinstance(form, Dense):
+        return math.fsum(float(torch.dot(block.reshape(-1), block.reshape(-1))) for _, _, block in form.blocks())
+    if isinstance(form, Kronecker):
+        return frobenius_squared(form.first) * frobenius_squared(form.second)
+    return float(form.singular_values().square().sum())

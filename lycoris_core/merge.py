@@ -19,8 +19,8 @@ import torch
 
 from . import dora
 from .adapter_file import read_adapter, split_key
-from .experts import select_expert
 from .errors import AdapterError
+from .experts import select_expert
 from .finite import FLOAT32_MAX, check_strength, count_nonfinite
 from .plan import LoadPlan, Patch, make_plan
 from .rows import Rows

@@ -8,11 +8,14 @@ one module plus one line here.
 from comfy_api.latest import ComfyExtension, io
 
 from .converter import LycorisConvert
+from .dataset import LycorisSaveDataset
 from .hooks import LycorisCreateHook
 from .inspector import LycorisInspect
 from .loader import LycorisLoader, LycorisLoaderModelOnly
 from .merge import LycorisMerge
 from .pair import LycorisLoaderWan22Pair
+from .tools import LycorisEma, LycorisExtract, LycorisResize, LycorisToLora
+from .train_job import LycorisTrainJob
 from .training import LycorisApply, LycorisSave, LycorisTrain
 
 NODES: list[type[io.ComfyNode]] = [
@@ -23,9 +26,15 @@ NODES: list[type[io.ComfyNode]] = [
     LycorisInspect,
     LycorisConvert,
     LycorisMerge,
+    LycorisToLora,
+    LycorisResize,
+    LycorisExtract,
+    LycorisEma,
     LycorisTrain,
     LycorisSave,
     LycorisApply,
+    LycorisSaveDataset,
+    LycorisTrainJob,
 ]
 
 

@@ -33,6 +33,7 @@ TINY = suite.Profile(
     files_blocks=1,
     files_convert_bytes=1 << 20,
     files_runs=1,
+    files_tool_runs=1,
     files_tiny_tensors=300,
     files_key_bytes=1 << 12,
     dim=64,
@@ -109,6 +110,17 @@ def test_memory_cases_report_peaks(report):
             assert case["peak_bytes"] is not None and case["peak_bytes"] >= 0, case["name"]
     merge = [c for c in report["cases"] if c["name"] == "merge peak memory"]
     assert merge and merge[0]["metric"] == "memory" and merge[0]["params"]["bound_bytes"] > 0
+
+
+def test_extract_and_to_lora_against_a_plain_read_and_write(report):
+    """Both tools are timed against the plain read+write of the files they read, in the same run, and held to
+    merge's memory bound."""
+    cases = {c["name"]: c for c in report["cases"]}
+    for name in ("extract lora r16", "to-lora r16 of a DoRA LoKr"):
+        timing, memory = cases[f"{name} time"], cases[f"{name} peak memory"]
+        assert timing["status"] == "ok" and timing["baseline"].startswith("plain read") and timing["ratio"] > 0
+        assert timing["target"] is None and timing["met"] is None  # reported, not judged
+        assert memory["metric"] == "memory" and memory["params"]["bound_bytes"] > 0 and isinstance(memory["met"], bool)
 
 
 def test_markdown_has_one_row_per_case(report):

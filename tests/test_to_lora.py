@@ -493,6 +493,31 @@ def test_dora_on_an_fp8_base_reads_its_dequantized_weights(tmp_path):
                        lora_reader_delta(tmp_path / "lora_dequantized.safetensors", stem)) <= 1e-6, stem
 
 
+def test_dora_on_a_full_size_layer_takes_the_randomized_svd(tmp_path, monkeypatch):
+    """A 200×200 DoRA LoRA: its change to the base is a full-rank matrix, decomposed at rank 8 by the sketch of
+    `lowrank.py` in both passes, so the error reported is the error of the factors written, and within
+    0.1 % of the optimal one (a dense SVD of the change the pack's DoRA merge makes)."""
+    widths = []
+    original = lowrank.sketched_svd
+    monkeypatch.setattr(lowrank, "sketched_svd", lambda matrix, width: widths.append(width) or original(matrix, width))
+    gen = torch.Generator().manual_seed(5)
+    stem, key = "lora_unet_blocks_0_self_attn_q", "blocks.0.self_attn.q.weight"
+    weight = torch.randn(200, 200, generator=gen)
+    save_file({key: weight}, str(tmp_path / "base.safetensors"))
+    adapter = {f"{stem}.lora_up.weight": torch.randn(200, 12, generator=gen) * 0.3,
+               f"{stem}.lora_down.weight": torch.randn(12, 200, generator=gen) * 0.3, f"{stem}.alpha": torch.tensor(12.0),
+               f"{stem}.dora_scale": weight.norm(dim=1, keepdim=True) * (1 + 0.02 * torch.rand(200, 1, generator=gen))}
+    save_file(adapter, str(tmp_path / "dora.safetensors"))
+    out = tmp_path / "lora.safetensors"
+    (report,) = to_lora_file(tmp_path / "dora.safetensors", out, rank=8, base=tmp_path / "base.safetensors", arch="wan").modules
+    assert widths == [18, 18]  # the first pass (rank and error) and the second (the factors)
+    merge(tmp_path / "base.safetensors", tmp_path / "merged.safetensors", [(tmp_path / "dora.safetensors", 1.0)], progress=False)
+    change = load_file(str(tmp_path / "merged.safetensors"))[key].double() - weight.double()
+    assert abs(rel_err(lora_reader_delta(out, stem), change) - report.error) <= 1e-6
+    optimal = optimal_errors(change)[8]
+    assert optimal * (1 - 1e-4) <= report.error <= optimal * 1.001
+
+
 # ---------------------------------------------------------------------------------------------
 # Metadata, bad input, the command line
 
@@ -567,6 +592,32 @@ def test_a_layout_that_cannot_hold_the_file_is_refused_before_any_svd(tmp_path, 
         monkeypatch.setattr(torch.linalg, name, no_svd)
     with pytest.raises(AdapterError, match="musubi layout holds no full differences.*nothing written"):
         to_lora_file(WILD / "comfy_wan_lokr.safetensors", tmp_path / "out.safetensors", rank=2, to="musubi")
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("command", ["to-lora", "resize"])
+def test_progress_counts_every_module_and_a_stop_leaves_nothing(command, musubi_lora, tmp_path):
+    """`on_progress(done, total)` after each module decomposed and each written; raising from it (ComfyUI's
+    Cancel) while choosing the ranks or while writing leaves no output and no temporary file."""
+    source = MUSUBI / "wan_loha_r4_a2.safetensors" if command == "to-lora" else musubi_lora
+    run = to_lora_file if command == "to-lora" else resize_file
+    folder = tmp_path / "outputs"
+    folder.mkdir()
+    calls = []
+    run(source, folder / "out.safetensors", rank=2, on_progress=lambda *c: calls.append(c))
+    modules = len(read_adapter(source).modules)
+    assert calls == [(i, 2 * modules) for i in range(1, 2 * modules + 1)]
+    for stop_at in (1, modules + 1, len(calls)):
+        def stop(done, total, stop_at=stop_at):
+            if done == stop_at:
+                raise Stop
+
+        with pytest.raises(Stop):
+            run(source, folder / "stopped.safetensors", rank=2, on_progress=stop)
+        assert [p.name for p in folder.iterdir()] == ["out.safetensors"]
 
 
 def test_cli_prints_the_table(tmp_path, capsys):

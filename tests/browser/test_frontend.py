@@ -21,7 +21,7 @@ from comfyui_host import REPO
 TEMPLATES = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
 PACK = "comfyui-lycoris"  # the pack's folder in custom_nodes (conftest.py links it so)
 PACK_NODES = ("LycorisLoaderModelOnly", "LycorisLoader", "LycorisLoaderWan22Pair", "LycorisCreateHook", "LycorisInspect",
-              "LycorisConvert", "LycorisMerge", "LycorisTrain", "LycorisSave", "LycorisApply")
+              "LycorisConvert", "LycorisMerge", "LycorisTrain", "LycorisSave", "LycorisApply", "LycorisSaveDataset", "LycorisTrainJob")
 MODEL_FOLDERS = {"UNETLoader": "diffusion_models", "CLIPLoader": "text_encoders", "VAELoader": "vae"}
 PLACEHOLDERS = {"CLIPLoader", "VAELoader"}  # their files here are placeholders: a run stops there
 THUMBNAIL_LIMIT = 40_000  # bytes

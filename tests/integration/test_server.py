@@ -36,7 +36,10 @@ require_comfyui()  # skips this module, with the reason, when there is no ComfyU
 
 PACK = "comfyui-lycoris"
 NODE_IDS = ("LycorisLoaderModelOnly", "LycorisLoader", "LycorisLoaderWan22Pair", "LycorisCreateHook", "LycorisInspect",
-            "LycorisConvert", "LycorisMerge")
+            "LycorisConvert", "LycorisMerge", "LycorisToLora", "LycorisResize", "LycorisExtract", "LycorisEma",
+            "LycorisTrain", "LycorisSave", "LycorisApply", "LycorisSaveDataset", "LycorisTrainJob")
+CATEGORIES = ("loaders/lycoris", "loaders/lycoris/tools", "training/lycoris")
+ADAPTER_INPUTS = ("lora_name", "lora_high_noise", "lora_low_noise")  # combos listing models/loras
 FRONTEND_ONLY = {"Note", "MarkdownNote"}  # drawn by the frontend, never sent to the server
 TINY_WAN = "tiny_wan_t2v.safetensors"
 TINY_WAN_LOKR = "tiny_wan_lokr.safetensors"
@@ -236,11 +239,13 @@ def test_object_info_lists_every_node_with_tooltips(server):
     everything = get_json(server, "/object_info")
     for node_id in NODE_IDS:
         info = everything[node_id]
-        assert info["category"] == "loaders/lycoris" and info["description"]
+        assert info["category"] in CATEGORIES and info["description"], node_id
         for section in ("required", "optional"):
             for name, spec in info["input"].get(section, {}).items():
                 assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
-        assert "wan_lokr_r3_a2.safetensors" in info["input"]["required"]["lora_name"][1]["options"]
+                if name in ADAPTER_INPUTS:
+                    assert "wan_lokr_r3_a2.safetensors" in spec[1]["options"], f"{node_id}.{name}"
+    assert len([n for n, info in everything.items() if info.get("python_module", "").endswith(PACK)]) == len(NODE_IDS)
     loader = everything["LycorisLoaderModelOnly"]
     assert loader["input_order"]["required"][:4] == ["model", "lora_name", "strength_model", "architecture"]
     assert loader["output"] == ["MODEL", "STRING"]
