@@ -316,11 +316,15 @@ def _build_module(path, stem, algorithm, params, load, rule: _ScaleRule, alphas:
     if DORA in params:
         if len(shape) < 2:
             raise AdapterError(f"{path}: module {stem}: dora_scale needs a weight of at least 2 dimensions, not {list(shape)}")
-        n = math.prod(params[DORA].shape)
-        if n not in (shape[0], shape[1] if len(shape) > 1 else None):
+        # One value per output row, laid out along the rows ([out], [out, 1]: as dora.on_output_axis reads
+        # it), or else one per input column ([in], [1, in]); a transposed [1, out] is neither.
+        stored = tuple(params[DORA].shape)
+        n = math.prod(stored)
+        per_row = len(stored) >= 1 and stored[0] == shape[0] and n == shape[0]
+        if not (per_row or n == shape[1]):
             raise AdapterError(
-                f"{path}: module {stem}: dora_scale {list(params[DORA].shape)} fits neither the "
-                f"output ({shape[0]}) nor the input features of {list(shape)}"
+                f"{path}: module {stem}: dora_scale {list(stored)} is neither one value per output row "
+                f"([{shape[0]}] or [{shape[0]}, 1]) nor one per input column ([1, {shape[1]}]) of {list(shape)}"
             )
     if BIAS in params and tuple(params[BIAS].shape) != (shape[0],):
         raise AdapterError(f"{path}: module {stem}: diff_b {list(params[BIAS].shape)} does not match {shape[0]} outputs")

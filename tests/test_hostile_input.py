@@ -520,3 +520,23 @@ def test_a_full_matrix_conv_lokr_takes_a_config_scale(folder):
     before, after = read_adapter(source), read_adapter(out)
     for stem, module in before.modules.items():
         assert torch.allclose(after.modules[stem].delta_weight(), module.delta_weight(), rtol=1e-3, atol=1e-6), stem
+
+
+@pytest.mark.parametrize("layout, accepted", [((32, 1), True), ((32,), True), ((1, 16), True), ((16,), True),
+                                              ((1, 32), False), ((2, 16), False), ((16, 2), False)])
+def test_dora_scale_must_lie_along_its_axis(folder, layout, accepted):
+    """Found by the long fuzz run: a magnitude with one value per output row but laid out as a row ([1, out])
+    passed the count check and then failed inside the merge; it is refused when the file is read."""
+    down, up = torch.randn(4, 16), torch.randn(32, 4)
+    tensors = {"lora_unet_blocks_0_ffn_0.lora_down.weight": down, "lora_unet_blocks_0_ffn_0.lora_up.weight": up,
+               "lora_unet_blocks_0_ffn_0.alpha": torch.tensor(4.0),
+               "lora_unet_blocks_0_ffn_0.dora_scale": torch.rand(layout) + 0.5}
+    path = write(folder, "d.safetensors", tensors)
+    if accepted:
+        module = read_adapter(path).modules["lora_unet_blocks_0_ffn_0"]
+        weight = torch.randn(32, 16)
+        module.bind().apply_(weight, 1.0)  # the math takes every layout the reader takes
+        assert torch.isfinite(weight).all()
+    else:
+        with pytest.raises(AdapterError, match=r"dora_scale \[\d+, \d+\] is neither one value per output row"):
+            read_adapter(path)
