@@ -169,9 +169,26 @@ def _read_exactly(f: BinaryIO, size: int) -> bytes:
     return b"".join(chunks)
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    """A JSON object whose keys are unique. A repeated key (a second `__metadata__`, a tensor named twice) makes
+    the header mean two things: Python's json keeps the last, the safetensors library refuses the file."""
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen.add(key)
+    return dict(pairs)
+
+
 def _header_json(path: str, raw: bytes) -> dict:
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise AdapterError(f"{path}: corrupt safetensors header ({str(e)[:200]!r} appears twice)") from None
     except UnicodeDecodeError as e:
         raise AdapterError(f"{path}: corrupt safetensors header (not UTF-8: {e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:

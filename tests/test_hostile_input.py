@@ -540,3 +540,15 @@ def test_dora_scale_must_lie_along_its_axis(folder, layout, accepted):
     else:
         with pytest.raises(AdapterError, match=r"dora_scale \[\d+, \d+\] is neither one value per output row"):
             read_adapter(path)
+
+
+@pytest.mark.parametrize("extra", [',"__metadata__":{"a":"b"}', ',"t":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}'])
+def test_a_header_key_given_twice_is_refused(folder, extra):
+    """Found by the long fuzz run: a second `__metadata__` (or a tensor named twice) makes the header mean two
+    things; Python's json kept the last one, the safetensors library refuses the file. It is refused here too."""
+    header = '{"__metadata__":{"x":"y"},"t":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}' + extra + "}"
+    header += " " * (-len(header) % 8)
+    path = folder / "dup.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header.encode() + b"\0\0\0\0")
+    with pytest.raises(AdapterError, match=r"corrupt safetensors header \('(__metadata__|t)' appears twice\)"):
+        read_adapter(str(path))
