@@ -295,7 +295,8 @@ def test_loader_shows_its_summary_and_a_wrong_file_in_one_line(frontend, server)
                                     arg=[loader, TEXT])
     summary = node_text(frontend, loader)
     assert summary.splitlines() == ["my_wan_loha.safetensors", "Wan 2.1/2.2 (wan), patch, strength 1",
-                                    "24 of 24 modules applied, 0 unmatched", "24 loha"]
+                                    "24 of 24 modules applied, 0 unmatched", "24 loha",
+                                    "block weights second_half=0.8, 0 modules at 0"]  # the template's example
     assert text_fits(frontend, summary), "the summary does not fit on the node"
     frontend.shot("loader report on the node")
 
